@@ -1,0 +1,93 @@
+"""Figures: reliability diagrams, confidence histograms, training curves; saved as PNG and PDF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .metrics import bin_stats, check_labels, ece, softmax
+
+__all__ = ["reliability_diagram", "confidence_histogram", "reliability_grid", "training_curves",
+           "save_figure"]
+
+
+def _top1(logits, labels):
+    probs = softmax(logits)
+    labels = check_labels(labels, probs.shape[1], probs.shape[0])
+    return probs, probs.max(1), (probs.argmax(1) == labels).astype(float), labels
+
+
+def reliability_diagram(logits, labels, n_bins: int = 15, ax=None, title: str | None = None):
+    """Accuracy per equal-width confidence bin against the diagonal; red shows the gap (ECE)."""
+    ax = ax or plt.gca()
+    probs, conf, correct, labels = _top1(logits, labels)
+    s = bin_stats(conf, correct, n_bins, "width")
+    centers = (s["edges"][:-1] + s["edges"][1:]) / 2
+    width = 1.0 / n_bins
+    filled = s["count"] > 0
+    ax.bar(centers[filled], s["acc"][filled], width=width, edgecolor="black", color="#4c72b0",
+           label="accuracy")
+    # the gap from accuracy to mean confidence: above the bar = overconfident, inside it = under
+    ax.bar(centers[filled], s["conf"][filled] - s["acc"][filled], bottom=s["acc"][filled], width=width,
+           edgecolor="#c44e52", fill=False, hatch="///", lw=0.8, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
+    ax.text(0.04, 0.92, f"ECE {100 * ece(probs, labels, n_bins):.2f}%", transform=ax.transAxes,
+            bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="lower right", fontsize="small")
+    return ax
+
+
+def confidence_histogram(logits, labels, n_bins: int = 15, ax=None, title: str | None = None):
+    """Share of samples per confidence bin, with mean confidence and accuracy marked."""
+    ax = ax or plt.gca()
+    _, conf, correct, _ = _top1(logits, labels)
+    ax.hist(conf, bins=np.linspace(0, 1, n_bins + 1), weights=np.full(len(conf), 1 / len(conf)),
+            color="#4c72b0", edgecolor="black")
+    ax.axvline(correct.mean(), color="#55a868", ls="--", lw=2, label=f"accuracy {correct.mean():.2f}")
+    ax.axvline(conf.mean(), color="#c44e52", ls=":", lw=2, label=f"mean conf. {conf.mean():.2f}")
+    ax.set(xlim=(0, 1), xlabel="confidence", ylabel="share of samples")
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="upper left", fontsize="small")
+    return ax
+
+
+def reliability_grid(panels: dict[str, tuple], n_bins: int = 15, histograms: bool = True):
+    """One column per entry ``name -> (logits, labels)``: reliability diagram over a histogram."""
+    n = len(panels)
+    rows = 2 if histograms else 1
+    fig, axes = plt.subplots(rows, n, figsize=(3.4 * n, 5.4 if histograms else 3.6), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1.5]} if histograms else None)
+    for j, (name, (logits, labels)) in enumerate(panels.items()):
+        reliability_diagram(logits, labels, n_bins, ax=axes[0, j], title=name)
+        if histograms:
+            confidence_histogram(logits, labels, n_bins, ax=axes[1, j])
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(histories: dict[str, list[dict]], keys=("train_loss", "val_acc", "val_ece")):
+    """Per-epoch curves, one line per run, one panel per key (rows as read from ``history.csv``)."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, rows in histories.items():
+            ax.plot([int(r["epoch"]) for r in rows], [float(r[key]) for r in rows], label=name, lw=1.2)
+        ax.set(xlabel="epoch", title=key.replace("_", " "))
+    axes[0, -1].legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path_without_suffix) -> list[Path]:
+    """Save as PNG (150 dpi) and PDF; returns both paths."""
+    base = Path(path_without_suffix)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    paths = [base.with_suffix(".png"), base.with_suffix(".pdf")]
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    return paths

@@ -1,0 +1,222 @@
+"""The training loop (PAPER.md section 3): SGD, MultiStep schedule, gradient clipping, best-by-val.
+
+One call of :func:`train_run` trains one (method, seed) into its own folder::
+
+    config.json    the settings (and the data fingerprint) the folder belongs to
+    last.pt        model + optimiser + scheduler + RNG state after the last finished epoch (resume)
+    checkpoint.pt  the best weights by validation accuracy (a plain state dict)
+    history.csv    one row per epoch
+    logits.npz     val and test logits and labels of the best weights
+    metrics.json   test (and val) metrics before and after temperature scaling; marks the run done
+
+A folder with ``metrics.json`` for the same config is returned as is; one with ``last.pt`` resumes
+from it and ends with the same numbers as an uninterrupted run (on the CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .calibration import fit_temperature, apply_temperature
+from .io import load_checkpoint, read_json, save_arrays, save_checkpoint, write_json, load_arrays
+from .losses import build_loss
+from .metrics import calibration_report
+from .models import build_model
+from .runs import RunMismatchError
+
+__all__ = ["TrainConfig", "RunMismatchError", "train_run", "predict", "resolve_device", "load_run"]
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults are the paper's CIFAR recipe (PAPER.md section 3)."""
+    model: str = "resnet50"
+    method: str = "ce"
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: list[int] = field(default_factory=lambda: [80, 120])
+    gamma: float = 0.1
+    grad_clip: float = 2.0
+    seed: int = 12345
+    ts_method: str = "grid-ece"
+    n_bins: int = 15
+    num_workers: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["milestones"] = [int(m) for m in d["milestones"]]
+        return d
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when available, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+@torch.no_grad()
+def predict(model, dataset, batch_size: int = 512, device="cpu", num_workers: int = 0):
+    """Logits (float32 numpy, N x K) and labels of a whole dataset, in dataset order."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    logits, labels = [], []
+    for x, y in loader:
+        logits.append(model(x.to(device)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy().astype(np.int64)
+
+
+def _check_folder(out_dir: Path, config: dict) -> None:
+    path = out_dir / "config.json"
+    if path.exists():
+        old = read_json(path)
+        if old != config:
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise RunMismatchError(
+                f"{out_dir} holds a run with other settings (differs in: {', '.join(diff)}). "
+                "Use another run folder, or delete this one to retrain.")
+    else:
+        write_json(path, config)
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "loader": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _train_epoch(model, loader, criterion, optimizer, cfg: TrainConfig, device) -> dict:
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    return {"train_loss": total_loss / seen, "train_acc": correct / seen}
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _finish(model, splits, cfg: TrainConfig, out_dir: Path, device, history, best_epoch, wall) -> dict:
+    """Best weights -> val/test logits -> temperature on val -> metrics before and after."""
+    model.load_state_dict(load_checkpoint(out_dir / "checkpoint.pt"))
+    val_logits, val_labels = predict(model, splits.val, device=device, num_workers=cfg.num_workers)
+    test_logits, test_labels = predict(model, splits.test, device=device, num_workers=cfg.num_workers)
+    save_arrays(out_dir / "logits.npz", val_logits=val_logits, val_labels=val_labels,
+                test_logits=test_logits, test_labels=test_labels)
+    t = fit_temperature(val_logits, val_labels, method=cfg.ts_method, n_bins=cfg.n_bins)
+    metrics = {
+        "method": cfg.method, "model": cfg.model, "seed": cfg.seed,
+        "best_epoch": best_epoch, "epochs": cfg.epochs, "temperature": t, "ts_method": cfg.ts_method,
+        "val": calibration_report(val_logits, val_labels, cfg.n_bins),
+        "test": calibration_report(test_logits, test_labels, cfg.n_bins),
+        "test_ts": calibration_report(apply_temperature(test_logits, t), test_labels, cfg.n_bins),
+        "train_seconds": wall, "n_train": len(splits.train), "n_val": len(val_labels),
+        "n_test": len(test_labels),
+    }
+    _write_history(out_dir / "history.csv", history)
+    write_json(out_dir / "metrics.json", metrics)
+    (out_dir / "last.pt").unlink(missing_ok=True)  # the run is done; keep only the best weights
+    return metrics
+
+
+def train_run(splits, cfg: TrainConfig, out_dir, device: str = "auto", progress: bool = True,
+              data_fingerprint: str | None = None) -> dict:
+    """Train one (method, seed) run into ``out_dir``; resume or return it if it is there already."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = {**cfg.to_dict(), "data": data_fingerprint or getattr(splits, "fingerprint", None)}
+    _check_folder(out_dir, config)
+    if (out_dir / "metrics.json").exists():
+        return read_json(out_dir / "metrics.json")
+
+    device = resolve_device(device)
+    torch.manual_seed(cfg.seed)
+    c, h, w = splits.image_shape
+    model = build_model(cfg.model, splits.num_classes, in_channels=c, image_size=h).to(device)
+    criterion = build_loss(cfg.method)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, cfg.gamma)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
+                        generator=generator, num_workers=cfg.num_workers)
+
+    start_epoch, history, best_acc, best_epoch, wall = 0, [], -1.0, -1, 0.0
+    if (out_dir / "last.pt").exists():
+        state = load_checkpoint(out_dir / "last.pt")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], generator)
+        start_epoch, history = state["epoch"], state["history"]
+        best_acc, best_epoch, wall = state["best_acc"], state["best_epoch"], state["wall"]
+
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.method} seed {cfg.seed}", initial=start_epoch,
+               total=cfg.epochs, disable=not progress, leave=False)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        row.update(_train_epoch(model, loader, criterion, optimizer, cfg, device))
+        scheduler.step()
+        val_logits, val_labels = predict(model, splits.val, device=device, num_workers=cfg.num_workers)
+        val = calibration_report(val_logits, val_labels, cfg.n_bins)
+        row.update(val_loss=val["nll"], val_acc=val["acc"], val_ece=val["ece"])
+        wall += time.perf_counter() - t0
+        row["seconds"] = wall
+        history.append(row)
+        if val["acc"] > best_acc:
+            best_acc, best_epoch = val["acc"], epoch + 1
+            save_checkpoint(out_dir / "checkpoint.pt", model.state_dict())
+        save_checkpoint(out_dir / "last.pt", {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": _rng_state(generator), "epoch": epoch + 1,
+            "history": history, "best_acc": best_acc, "best_epoch": best_epoch, "wall": wall})
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val['acc']:.3f}")
+    return _finish(model, splits, cfg, out_dir, device, history, best_epoch, wall)
+
+
+def load_run(out_dir) -> dict:
+    """A finished run's metrics, config, history rows and logits, from its folder alone."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "metrics.json").exists():
+        raise FileNotFoundError(f"{out_dir} has no metrics.json: the run has not finished")
+    with open(out_dir / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    return {"metrics": read_json(out_dir / "metrics.json"), "config": read_json(out_dir / "config.json"),
+            "history": history, "logits": load_arrays(out_dir / "logits.npz")}
