@@ -93,8 +93,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, wrong format, or a pickle that needs code
+        first_line = (str(err).splitlines() or [""])[0][:200]  # an empty file raises EOFError('')
         raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+            f"cannot read checkpoint {path} ({type(err).__name__}: {first_line}). "
             "It may be truncated or not a semmix checkpoint; delete it to start that run afresh.") from err
 
 
