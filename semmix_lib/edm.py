@@ -28,7 +28,7 @@ from torch import nn
 __all__ = [
     "Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding", "FourierEmbedding", "SongUNet",
     "VPPrecond", "EDMPrecond", "PRECONDITIONERS", "karras_sigmas", "heun_sampler", "edm_loss",
-    "ema_beta", "ema_update", "EDM_CONFIGS", "build_edm",
+    "ema_beta", "ema_update", "EDM_CONFIGS", "build_edm", "load_edm_checkpoint",
 ]
 
 
@@ -339,6 +339,7 @@ class _Precond(nn.Module):
         super().__init__()
         if model_type not in MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} is not implemented; available: {sorted(MODEL_TYPES)}")
+        self.init_kwargs: dict = {}  # filled by the subclass: every constructor argument, for saving
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.use_fp16 = use_fp16
         self.model = MODEL_TYPES[model_type](img_resolution=img_resolution, in_channels=img_channels,
@@ -372,6 +373,9 @@ class VPPrecond(_Precond):
                  beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,
                  model_type: str = "SongUNet", **model_kwargs):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
+        self.init_kwargs = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+                                use_fp16=use_fp16, beta_d=beta_d, beta_min=beta_min, M=M, epsilon_t=epsilon_t,
+                                model_type=model_type, **model_kwargs)
         self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
         self.sigma_min = float(self.sigma(epsilon_t))
         self.sigma_max = float(self.sigma(1))
@@ -398,6 +402,9 @@ class EDMPrecond(_Precond):
                  sigma_min: float = 0.0, sigma_max: float = float("inf"), sigma_data: float = 0.5,
                  model_type: str = "SongUNet", **model_kwargs):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
+        self.init_kwargs = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+                                use_fp16=use_fp16, sigma_min=sigma_min, sigma_max=sigma_max,
+                                sigma_data=sigma_data, model_type=model_type, **model_kwargs)
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
 
     def coefficients(self, sigma):
@@ -512,3 +519,11 @@ def build_edm(config: str | dict, img_resolution: int, img_channels: int, label_
         raise ValueError(f"unknown preconditioning {precond!r}; choose one of {sorted(PRECONDITIONERS)}")
     return PRECONDITIONERS[precond](img_resolution=img_resolution, img_channels=img_channels,
                                     label_dim=label_dim, **kwargs)
+
+
+def load_edm_checkpoint(path, key: str = "ema", device="cpu") -> nn.Module:
+    """Load an EDM network: an official ``.pkl`` (safely, see :mod:`semmix_lib.edm_checkpoint`) or
+    one of ours (``.pt``, read with ``weights_only=True``). Returned in eval mode."""
+    from .edm_checkpoint import load_edm_checkpoint as _load  # imported late: it builds on this module
+
+    return _load(path, key=key, device=device)
