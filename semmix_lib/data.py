@@ -407,8 +407,23 @@ def _image_transforms(
 # ----------------------------------------------------------------------------------------------
 
 
+def to_uint8(x) -> np.ndarray:
+    """The paper's pixel conversion from [-1, 1]: ``uint8(clip(x * 127.5 + 128, 0, 255))`` (truncating)."""
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return np.clip(x.astype(np.float64) * 127.5 + 128, 0, 255).astype(np.uint8)
+
+
+def from_uint8(pixels) -> np.ndarray:
+    """8-bit pixels back to [-1, 1] (what ``ToTensor`` + ``Normalize(0.5, 0.5)`` give)."""
+    return np.asarray(pixels).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
 def _digits_arrays(noise_sigma: float, noise_seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Digits images in [-1, 1] plus the fixed Gaussian noise, as float32 (N, 1, 8, 8)."""
+    """Digits in [-1, 1] plus the fixed Gaussian noise, stored as 8-bit images (float32 (N, 1, 8, 8)).
+
+    The noisy digits are clipped and quantised with the same conversion the generator's PNGs go
+    through (:func:`to_uint8`), so real and generated images live in one 8-bit image domain.
+    """
     from sklearn.datasets import load_digits
 
     if noise_sigma < 0:
@@ -418,7 +433,7 @@ def _digits_arrays(noise_sigma: float, noise_seed: int) -> tuple[np.ndarray, np.
     if noise_sigma > 0:
         rng = np.random.default_rng(noise_seed)
         pixels = pixels + noise_sigma * rng.standard_normal(pixels.shape)
-    images = pixels.reshape(-1, 1, 8, 8).astype(np.float32)
+    images = from_uint8(to_uint8(pixels)).reshape(-1, 1, 8, 8)
     return images, bunch.target.astype(np.int64)
 
 
@@ -439,7 +454,7 @@ def _load_digits(split_seed: int, val_fraction: float | None, test_fraction: flo
     return DataSplits(
         name="digits", train=train, train_plain=ArrayDataset(train.images, train.targets),
         val=subset(val_idx), test=subset(test_idx), num_classes=10,
-        class_names=[str(i) for i in range(10)], image_shape=(1, 8, 8), mean=(0.0,), std=(1.0,),
+        class_names=[str(i) for i in range(10)], image_shape=(1, 8, 8), mean=(0.5,), std=(0.5,),
         fingerprint=_fingerprint({
             "name": "digits", "split_seed": split_seed, "val_fraction": val_fraction,
             "test_fraction": test_fraction, "noise_sigma": float(noise_sigma),
