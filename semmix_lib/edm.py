@@ -28,7 +28,7 @@ from torch import nn
 __all__ = [
     "Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding", "FourierEmbedding", "SongUNet",
     "VPPrecond", "EDMPrecond", "PRECONDITIONERS", "karras_sigmas", "heun_sampler", "edm_loss",
-    "ema_beta", "ema_update", "EDM_CONFIGS", "build_edm", "load_edm_checkpoint",
+    "ema_beta", "ema_update", "EDM_CONFIGS", "build_edm", "load_edm_checkpoint", "check_compatible",
 ]
 
 
@@ -527,3 +527,17 @@ def load_edm_checkpoint(path, key: str = "ema", device="cpu") -> nn.Module:
     from .edm_checkpoint import load_edm_checkpoint as _load  # imported late: it builds on this module
 
     return _load(path, key=key, device=device)
+
+
+def check_compatible(net: nn.Module, num_classes: int, image_shape) -> None:
+    """A generator must match the dataset: class count, channels and resolution; say what differs."""
+    c, h, _ = image_shape
+    problems = []
+    if net.label_dim != num_classes:
+        problems.append(f"it is conditioned on {net.label_dim} classes, the dataset has {num_classes}")
+    if net.img_channels != c or net.img_resolution != h:
+        problems.append(f"it makes {net.img_channels}x{net.img_resolution}x{net.img_resolution} images, "
+                        f"the dataset has {c}x{h}x{h}")
+    if problems:
+        raise ValueError("the EDM checkpoint does not fit this dataset: " + "; ".join(problems)
+                         + ". Use the checkpoint trained for this dataset, or checkpoint='train'.")

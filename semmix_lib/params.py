@@ -22,11 +22,14 @@ from pathlib import Path
 import yaml
 
 __all__ = ["Stage", "STAGES", "NOTEBOOK_DIR", "ParameterError", "load_study", "notebook_parameters",
-           "validate_study", "stage_parameters", "INJECTED"]
+           "validate_study", "stage_parameters", "INJECTED", "PATH_PARAMS"]
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 #: Parameters the pipeline sets itself; a study file may not.
 INJECTED = ("run_dir",)
+#: Parameters holding file or folder paths: relative ones are taken from where the pipeline is
+#: started (notebooks run inside notebooks/), except the listed sentinel values.
+PATH_PARAMS = {"data_root": (), "checkpoint": ("train",)}
 TOP_LEVEL = ("run", "description", "shared")
 
 
@@ -43,6 +46,7 @@ class Stage:
 
 #: The pipeline, in order. Each stage reads only what the stages it depends on saved.
 STAGES: tuple[Stage, ...] = (
+    Stage("generate", "01_generate.ipynb"),
     Stage("train", "03_train.ipynb"),
     Stage("analyze", "04_analyze.ipynb", depends=("train",)),
 )
@@ -123,9 +127,16 @@ def validate_study(study: dict, source: str = "study") -> None:
         raise ParameterError(f"{source}: 'run' must be a folder name, got {study['run']!r}")
 
 
+def _absolute(key: str, value):
+    if key not in PATH_PARAMS or not isinstance(value, str) or value in PATH_PARAMS[key]:
+        return value
+    return str((Path.cwd() / Path(value).expanduser()).resolve())
+
+
 def stage_parameters(study: dict, stage: Stage) -> dict:
-    """The parameters a stage notebook receives: its declared shared keys, then its own section."""
+    """The parameters a stage notebook receives: its declared shared keys, then its own section;
+    relative paths made absolute (from the current directory)."""
     declared = notebook_parameters(stage)
     params = {k: v for k, v in study["shared"].items() if k in declared}
     params.update(study[stage.name])
-    return params
+    return {k: _absolute(k, v) for k, v in params.items()}

@@ -68,6 +68,8 @@ def _kernel_env() -> None:
     if share not in paths.split(os.pathsep):
         os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (share, paths) if p)
     os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ["SEMMIX_PROGRESS"] = "text"  # papermill relays text, not widgets (semmix_lib.progress)
+    os.environ.setdefault("TQDM_MININTERVAL", "10")
 
 
 def _execute(stage: Stage, stage_dir: Path, params: dict, quiet: bool) -> None:
@@ -141,9 +143,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _CellMarkers(logging.Filter):
+    """Keep the notebooks' own output in the log, drop papermill's per-cell banners."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Executing Cell") or msg.startswith("Ending Cell"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING, format="%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_CellMarkers())
     source = Path(args.study)
     outputs = Path(args.outputs)
     if source.is_dir():  # an existing run folder: its saved study, in its own outputs folder

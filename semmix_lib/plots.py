@@ -10,7 +10,7 @@ import numpy as np
 from .metrics import bin_stats, check_labels, ece, softmax
 
 __all__ = ["reliability_diagram", "confidence_histogram", "reliability_grid", "training_curves",
-           "save_figure"]
+           "save_figure", "mixing_grid", "mixing_check"]
 
 
 def _top1(logits, labels):
@@ -91,3 +91,47 @@ def save_figure(fig, path_without_suffix) -> list[Path]:
     fig.savefig(paths[0], dpi=150, bbox_inches="tight")
     fig.savefig(paths[1], bbox_inches="tight")
     return paths
+
+
+def mixing_grid(images, lams, row_labels, title: str | None = None):
+    """Rows of generated images (e.g. one group per class pair), one column per ``lam``.
+
+    ``images``: array (rows, n_mix, H, W[, C]) of uint8 or floats in [0, 1].
+    """
+    images = np.asarray(images)
+    rows, cols = images.shape[:2]
+    fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols + 1.2, 0.9 * rows + 0.6), squeeze=False)
+    cmap = "gray" if images.ndim == 4 else None
+    for i in range(rows):
+        for j in range(cols):
+            ax = axes[i, j]
+            ax.imshow(images[i, j], cmap=cmap, vmin=0, vmax=255 if images.dtype == np.uint8 else 1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"{lams[j]:.2f}", fontsize=8)
+        axes[i, 0].set_ylabel(row_labels[i], fontsize=8, rotation=0, ha="right", va="center")
+    fig.supxlabel("lam (weight on the first class)", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def mixing_check(table, spearman):
+    """Left: mean ``p(c1) / (p(c1) + p(c2))`` against ``lam`` (band: interquartile range);
+    right: the per-group Spearman correlations between the two."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    stats = table.groupby("lam")["r"].describe()
+    axes[0].plot(stats.index, stats["50%"], "o-", color="#4c72b0", label="median")
+    axes[0].fill_between(stats.index, stats["25%"], stats["75%"], color="#4c72b0", alpha=0.25, label="IQR")
+    axes[0].plot([0, 1], [0, 1], "--", color="gray", lw=1)
+    axes[0].set(xlabel="lam (generation)", ylabel="p(c1) / (p(c1) + p(c2))", xlim=(0, 1), ylim=(0, 1))
+    axes[0].legend(fontsize="small")
+    rho = spearman["spearman"].dropna()
+    axes[1].hist(rho, bins=np.linspace(-1, 1, 21), color="#55a868", edgecolor="black")
+    axes[1].axvline(rho.median(), color="#c44e52", ls="--", label=f"median {rho.median():.2f}")
+    axes[1].set(xlabel="Spearman(lam, relative probability) per group", ylabel="groups")
+    axes[1].legend(fontsize="small")
+    fig.tight_layout()
+    return fig

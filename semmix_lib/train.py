@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .calibration import fit_temperature, apply_temperature
 from .io import load_checkpoint, read_json, save_arrays, save_checkpoint, write_json, load_arrays

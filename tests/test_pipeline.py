@@ -36,7 +36,9 @@ def ci_run(tmp_path_factory):
 
 
 def test_run_folder_has_executed_notebooks_tables_and_figures(ci_run):
-    for rel in ["study.yaml", "train/03_train.ipynb", "train/manifest.json", "train/ce/seed0/metrics.json",
+    for rel in ["study.yaml", "generate/01_generate.ipynb", "generate/manifest.csv", "generate/edm/edm.pt",
+                "generate/mixing_grid.png", "generate/mixing_check.png", "generate/mixing_spearman.csv",
+                "generate/manifest.json", "train/03_train.ipynb", "train/manifest.json", "train/ce/seed0/metrics.json",
                 "train/ce/seed1/logits.npz", "train/training_curves.png", "analyze/04_analyze.ipynb",
                 "analyze/results.csv", "analyze/results.md", "analyze/reliability.png",
                 "analyze/reliability_ts.pdf", "analyze/manifest.json"]:
@@ -72,7 +74,7 @@ def test_second_run_skips_finished_stages(ci_run, capsys):
     before = (ci_run / "train" / "manifest.json").stat().st_mtime_ns
     run_study(_study(), ci_run.parent)
     out = capsys.readouterr().out
-    assert out.count("up to date") == 2
+    assert out.count("up to date") == 3
     assert (ci_run / "train" / "manifest.json").stat().st_mtime_ns == before
 
 
@@ -149,8 +151,11 @@ def test_force_reruns_and_run_folder_argument_regenerates_figures(ci_run, capsys
 def test_nbval_reexecution_reproduces_the_executed_notebooks(tmp_path):
     """nbval re-runs the executed copies (training from scratch) and compares the checked cells."""
     run_dir = run_study(_study(), tmp_path, quiet=True)
-    shutil.rmtree(run_dir / "train" / "ce")  # make nbval retrain rather than read the results back
-    notebooks = [str(run_dir / "train" / "03_train.ipynb"), str(run_dir / "analyze" / "04_analyze.ipynb")]
+    # make nbval train and generate again rather than read the results back
+    for rel in ("generate/edm", "generate/images", "generate/check_classifier", "train/ce"):
+        shutil.rmtree(run_dir / rel)
+    notebooks = [str(run_dir / stage / nb) for stage, nb in (
+        ("generate", "01_generate.ipynb"), ("train", "03_train.ipynb"), ("analyze", "04_analyze.ipynb"))]
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-q",
                            "--rootdir", str(tmp_path), *notebooks],
