@@ -110,7 +110,7 @@ def train_edm(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg:
         ema_update(ema, net, ema_beta(step, cfg.batch_size, cfg.ema_halflife_nimg, cfg.ema_rampup_ratio))
         losses.append(loss.item())
         bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}", refresh=False)
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
             save_checkpoint(out_dir / "state.pt", {"net": net.state_dict(), "ema": ema.state_dict(),
                                                     "opt": opt.state_dict(), "gen": gen.get_state(),

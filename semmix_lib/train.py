@@ -207,7 +207,7 @@ def train_run(splits, cfg: TrainConfig, out_dir, device: str = "auto", progress:
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": _rng_state(generator), "epoch": epoch + 1,
             "history": history, "best_acc": best_acc, "best_epoch": best_epoch, "wall": wall})
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val['acc']:.3f}")
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val['acc']:.3f}", refresh=False)
     return _finish(model, splits, cfg, out_dir, device, history, best_epoch, wall)
 
 
