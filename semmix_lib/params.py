@@ -29,7 +29,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 INJECTED = ("run_dir",)
 #: Parameters holding file or folder paths: relative ones are taken from where the pipeline is
 #: started (notebooks run inside notebooks/), except the listed sentinel values.
-PATH_PARAMS = {"data_root": (), "checkpoint": ("train",)}
+PATH_PARAMS = {"data_root": (), "checkpoint": ("train",), "clip_pretrained": ()}
 TOP_LEVEL = ("run", "description", "shared")
 
 
@@ -47,6 +47,7 @@ class Stage:
 #: The pipeline, in order. Each stage reads only what the stages it depends on saved.
 STAGES: tuple[Stage, ...] = (
     Stage("generate", "01_generate.ipynb"),
+    Stage("annotate", "02_annotate.ipynb", depends=("generate",)),
     Stage("train", "03_train.ipynb"),
     Stage("analyze", "04_analyze.ipynb", depends=("train",)),
 )

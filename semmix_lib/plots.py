@@ -10,7 +10,7 @@ import numpy as np
 from .metrics import bin_stats, check_labels, ece, softmax
 
 __all__ = ["reliability_diagram", "confidence_histogram", "reliability_grid", "training_curves",
-           "save_figure", "mixing_grid", "mixing_check"]
+           "save_figure", "mixing_grid", "mixing_check", "reannotation", "annotated_examples"]
 
 
 def _top1(logits, labels):
@@ -133,5 +133,51 @@ def mixing_check(table, spearman):
     axes[1].axvline(rho.median(), color="#c44e52", ls="--", label=f"median {rho.median():.2f}")
     axes[1].set(xlabel="Spearman(lam, relative probability) per group", ylabel="groups")
     axes[1].legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def reannotation(table, s: float):
+    """Left: CLIP's ``lam_clip`` against the generation ``lam`` (violins, with the diagonal);
+    right: the soft label ``sigmoid(s (lam_clip - 0.5))`` the classifier is trained on."""
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.6, 1]})
+    lams = sorted(table["lam"].unique())
+    data = table.assign(lam_label=table["lam"].map(lambda v: f"{v:.2f}"))
+    sns.violinplot(data=data, x="lam_label", y="lam_clip", order=[f"{v:.2f}" for v in lams], ax=axes[0],
+                   color="#8da0cb", inner="quartile", cut=0, density_norm="width")
+    axes[0].plot(range(len(lams)), lams, "o--", color="#c44e52", lw=1, label="lam_clip = lam")
+    axes[0].axhspan(0, 1, color="gray", alpha=0.08)
+    outside = float(((table["lam_clip"] < 0) | (table["lam_clip"] > 1)).mean())
+    axes[0].set(xlabel="lam (generation)", ylabel="lam_clip (CLIP projection)",
+                title=f"{100 * outside:.1f}% of images outside [0, 1]")
+    axes[0].legend(fontsize="small", loc="upper left")
+    grid = np.linspace(min(-0.5, table["lam_clip"].min()), max(1.5, table["lam_clip"].max()), 200)
+    axes[1].plot(grid, 1 / (1 + np.exp(-s * (grid - 0.5))), color="#4c72b0", label=f"s = {s:g}")
+    axes[1].hist(table["lam_clip"], bins=40, density=True, alpha=0.3, color="gray", label="lam_clip")
+    axes[1].set(xlabel="lam_clip", ylabel="soft label for c1", ylim=(0, 1.05))
+    axes[1].legend(fontsize="small", loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def annotated_examples(gen_dir, table, rows: int = 4):
+    """A few groups with both numbers under each image: generation ``lam`` and CLIP's ``lam_clip``."""
+    from PIL import Image
+
+    groups = table["group"].drop_duplicates().iloc[:rows].tolist()
+    n_mix = int(table["lam_index"].max()) + 1
+    fig, axes = plt.subplots(len(groups), n_mix, figsize=(1.1 * n_mix, 1.35 * len(groups)), squeeze=False)
+    for i, group in enumerate(groups):
+        g = table[table.group == group].sort_values("lam_index")
+        for j, row in enumerate(g.itertuples()):
+            img = np.asarray(Image.open(Path(gen_dir) / row.path))
+            axes[i, j].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            axes[i, j].set_xlabel(f"{row.lam:.2f} | {row.lam_clip:.2f}", fontsize=7)
+        axes[i, 0].set_ylabel(f"{g.c2.iloc[0]}->{g.c1.iloc[0]}", fontsize=8)
+    fig.suptitle("lam (generation) | lam_clip (reannotation)", fontsize=9)
     fig.tight_layout()
     return fig

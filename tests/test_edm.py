@@ -279,14 +279,20 @@ def test_heun_deterministic_and_churn_reproducible(small_net):
     assert (c1 - a).abs().max() > 1e-3 and (c3 - c1).abs().max() > 1e-3
 
 
-def test_heun_churn_keeps_evaluation_count_and_raises_noise():
+@pytest.mark.parametrize("churn, s_min, s_max", [(1.0, 0.0, float("inf")), (10.0, 0.0, float("inf")),
+                                                 (10.0, 0.05, 50.0)])
+def test_heun_churn_noise_levels(churn, s_min, s_max):
+    """Algorithm 2 lines 4-5: t_hat = (1 + gamma) t_i with gamma = min(S_churn / N, sqrt(2) - 1) inside
+    [S_min, S_max], 0 outside; the evaluation count is unchanged."""
     net = GaussianDenoiser(0.0, 1.0)
-    n, churn = 5, 1.0
-    heun_sampler(net, _latents((4, 1, 1, 1), seed=0), num_steps=n, S_churn=churn, randn_like=_seeded_randn_like(0))
+    n = 5
+    heun_sampler(net, _latents((4, 1, 1, 1), seed=0), num_steps=n, S_churn=churn, S_min=s_min, S_max=s_max,
+                 randn_like=_seeded_randn_like(0))
     assert net.calls == 2 * n - 1
-    gamma = min(churn / n, math.sqrt(2) - 1)
+    gamma = min(churn / n, math.sqrt(2) - 1)  # 0.2, then capped at 0.4142
     t = karras_sigmas(n).tolist()
-    assert net.sigmas[0::2] == pytest.approx([(1 + gamma) * v for v in t[:n]], rel=1e-12)  # t_hat
+    t_hat = [(1 + gamma) * v if s_min <= v <= s_max else v for v in t[:n]]
+    assert net.sigmas[0::2] == pytest.approx(t_hat, rel=1e-12)
     assert net.sigmas[1::2] == pytest.approx(t[1:n], rel=1e-12)
 
 
