@@ -38,7 +38,9 @@ def ci_run(tmp_path_factory):
 def test_run_folder_has_executed_notebooks_tables_and_figures(ci_run):
     for rel in ["study.yaml", "generate/01_generate.ipynb", "generate/manifest.csv", "generate/edm/edm.pt",
                 "generate/mixing_grid.png", "generate/mixing_check.png", "generate/mixing_spearman.csv",
-                "generate/manifest.json", "train/03_train.ipynb", "train/manifest.json", "train/ce/seed0/metrics.json",
+                "generate/manifest.json", "annotate/02_annotate.ipynb", "annotate/annotations.csv",
+                "annotate/prototypes.npy", "annotate/clip/digits_clip.pt", "annotate/reannotation.png",
+                "annotate/manifest.json", "train/03_train.ipynb", "train/manifest.json", "train/ce/seed0/metrics.json",
                 "train/ce/seed1/logits.npz", "train/training_curves.png", "analyze/04_analyze.ipynb",
                 "analyze/results.csv", "analyze/results.md", "analyze/reliability.png",
                 "analyze/reliability_ts.pdf", "analyze/manifest.json"]:
@@ -74,7 +76,7 @@ def test_second_run_skips_finished_stages(ci_run, capsys):
     before = (ci_run / "train" / "manifest.json").stat().st_mtime_ns
     run_study(_study(), ci_run.parent)
     out = capsys.readouterr().out
-    assert out.count("up to date") == 3
+    assert out.count("up to date") == 4
     assert (ci_run / "train" / "manifest.json").stat().st_mtime_ns == before
 
 
@@ -152,10 +154,13 @@ def test_nbval_reexecution_reproduces_the_executed_notebooks(tmp_path):
     """nbval re-runs the executed copies (training from scratch) and compares the checked cells."""
     run_dir = run_study(_study(), tmp_path, quiet=True)
     # make nbval train and generate again rather than read the results back
-    for rel in ("generate/edm", "generate/images", "generate/check_classifier", "train/ce"):
+    for rel in ("generate/edm", "generate/images", "generate/check_classifier", "annotate/clip",
+                "annotate/embeddings", "train/ce"):
         shutil.rmtree(run_dir / rel)
+    (run_dir / "annotate" / "annotations.csv").unlink()
     notebooks = [str(run_dir / stage / nb) for stage, nb in (
-        ("generate", "01_generate.ipynb"), ("train", "03_train.ipynb"), ("analyze", "04_analyze.ipynb"))]
+        ("generate", "01_generate.ipynb"), ("annotate", "02_annotate.ipynb"), ("train", "03_train.ipynb"),
+        ("analyze", "04_analyze.ipynb"))]
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-q",
                            "--rootdir", str(tmp_path), *notebooks],
