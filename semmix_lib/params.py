@@ -48,7 +48,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("generate", "01_generate.ipynb"),
     Stage("annotate", "02_annotate.ipynb", depends=("generate",)),
-    Stage("train", "03_train.ipynb"),
+    Stage("train", "03_train.ipynb", depends=("annotate",)),
     Stage("analyze", "04_analyze.ipynb", depends=("train",)),
 )
 

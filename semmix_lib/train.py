@@ -27,12 +27,13 @@ from .progress import tqdm
 
 from .calibration import fit_temperature, apply_temperature
 from .io import load_checkpoint, read_json, save_arrays, save_checkpoint, write_json, load_arrays
-from .losses import build_loss
+from .losses import RAW_LAMBDA_METHODS, build_method
 from .metrics import calibration_report
 from .models import build_model
 from .runs import RunMismatchError
 
-__all__ = ["TrainConfig", "RunMismatchError", "train_run", "predict", "resolve_device", "load_run"]
+__all__ = ["TrainConfig", "RunMismatchError", "GeneratedData", "load_generated", "train_run", "predict",
+           "resolve_device", "load_run"]
 
 
 @dataclass
@@ -52,6 +53,7 @@ class TrainConfig:
     ts_method: str = "grid-ece"
     n_bins: int = 15
     num_workers: int = 0
+    n_aug: int = 1              # CSM: generated middle images per real image (plus the class endpoint)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -105,13 +107,19 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _train_epoch(model, loader, criterion, optimizer, cfg: TrainConfig, device) -> dict:
+def _batch(items, device) -> dict:
+    """A loader's tuple as the dict methods take: x, y (+ gen_x, gen_t for CSM)."""
+    keys = ("x", "y", "gen_x", "gen_t")
+    return {k: v.to(device, non_blocking=True) for k, v in zip(keys, items)}
+
+
+def _train_epoch(model, loader, method, optimizer, cfg: TrainConfig, device) -> dict:
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        loss = criterion(logits, y)
+    for items in loader:
+        batch = _batch(items, device)
+        y = batch["y"]
+        loss, logits = method(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -155,12 +163,52 @@ def _finish(model, splits, cfg: TrainConfig, out_dir: Path, device, history, bes
     return metrics
 
 
+@dataclass
+class GeneratedData:
+    """What CSM-style methods train on besides the real images: the generation folder, the
+    annotation table (one row per image) and a fingerprint of that table."""
+    gen_dir: Path
+    table: object
+    fingerprint: str
+
+
+def load_generated(run_dir) -> GeneratedData:
+    """The generate + annotate stages' outputs of a run folder, validated against each other."""
+    from .annotation import read_annotations
+    from .io import sha256_file
+
+    gen_dir, ann_dir = Path(run_dir) / "generate", Path(run_dir) / "annotate"
+    table = read_annotations(ann_dir, gen_dir)
+    return GeneratedData(gen_dir, table, sha256_file(ann_dir / "annotations.csv"))
+
+
+def _train_set(splits, method, cfg: TrainConfig, generated: GeneratedData | None):
+    """The real training split, or for CSM-style methods the real images paired with generated ones."""
+    if not method.uses_generated:
+        return splits.train
+    if generated is None:
+        raise ValueError(f"method {cfg.method!r} trains on generated images: pass generated="
+                         "load_generated(run_dir) after the generate and annotate stages")
+    from .csm_data import CSMPairs, generated_transform
+
+    target = "lam" if cfg.method in RAW_LAMBDA_METHODS else "soft_label"
+    return CSMPairs(splits.train, generated.gen_dir, generated.table, splits.num_classes,
+                    generated_transform(splits), n_aug=cfg.n_aug, target=target)
+
+
 def train_run(splits, cfg: TrainConfig, out_dir, device: str = "auto", progress: bool = True,
-              data_fingerprint: str | None = None) -> dict:
-    """Train one (method, seed) run into ``out_dir``; resume or return it if it is there already."""
+              data_fingerprint: str | None = None, generated: GeneratedData | None = None) -> dict:
+    """Train one (method, seed) run into ``out_dir``; resume or return it if it is there already.
+
+    ``generated`` (:func:`load_generated`) is needed by methods that train on generated images
+    (CSM); its fingerprint then joins the run's config, so a folder never mixes two annotations.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = {**cfg.to_dict(), "data": data_fingerprint or getattr(splits, "fingerprint", None)}
+    method = build_method(cfg.method, splits.num_classes)
+    if method.uses_generated and generated is not None:
+        config["generated"] = generated.fingerprint
     _check_folder(out_dir, config)
     if (out_dir / "metrics.json").exists():
         return read_json(out_dir / "metrics.json")
@@ -169,13 +217,13 @@ def train_run(splits, cfg: TrainConfig, out_dir, device: str = "auto", progress:
     torch.manual_seed(cfg.seed)
     c, h, w = splits.image_shape
     model = build_model(cfg.model, splits.num_classes, in_channels=c, image_size=h).to(device)
-    criterion = build_loss(cfg.method)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, cfg.gamma)
     generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
-                        generator=generator, num_workers=cfg.num_workers)
+    loader = DataLoader(_train_set(splits, method, cfg, generated), batch_size=cfg.batch_size, shuffle=True,
+                        drop_last=False, generator=generator, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
 
     start_epoch, history, best_acc, best_epoch, wall = 0, [], -1.0, -1, 0.0
     if (out_dir / "last.pt").exists():
@@ -192,7 +240,7 @@ def train_run(splits, cfg: TrainConfig, out_dir, device: str = "auto", progress:
     for epoch in bar:
         t0 = time.perf_counter()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(_train_epoch(model, loader, criterion, optimizer, cfg, device))
+        row.update(_train_epoch(model, loader, method, optimizer, cfg, device))
         scheduler.step()
         val_logits, val_labels = predict(model, splits.val, device=device, num_workers=cfg.num_workers)
         val = calibration_report(val_logits, val_labels, cfg.n_bins)
