@@ -117,15 +117,16 @@ def test_analyze_alone_needs_finished_training(tmp_path):
 
 def test_failing_notebook_names_the_cause_and_resumes_later(tmp_path):
     study = _study(shared={"dataset": "cifar10"})
-    with pytest.raises(PipelineError, match=r"(?s)DatasetNotFoundError.*data_root.*03_train\.ipynb"):
-        run_study(study, tmp_path, stages=["train"], quiet=True)
-    stage_dir = tmp_path / "ci" / "train"
+    with pytest.raises(PipelineError, match=r"(?s)DatasetNotFoundError.*data_root.*01_generate\.ipynb"):
+        run_study(study, tmp_path, stages=["generate"], quiet=True)
+    stage_dir = tmp_path / "ci" / "generate"
     assert (stage_dir / "stage.json").exists() and not (stage_dir / "manifest.json").exists()
-    assert (stage_dir / "03_train.ipynb").exists()  # the executed copy, traceback included
+    assert (stage_dir / "01_generate.ipynb").exists()  # the executed copy, traceback included
 
 
-def test_interrupted_stage_resumes_without_redoing_finished_work(tmp_path, capsys):
-    run_dir = run_study(_study(), tmp_path, stages=["train"], quiet=True)
+def test_interrupted_stage_resumes_without_redoing_finished_work(ci_run, tmp_path, capsys):
+    run_dir = tmp_path / "ci"
+    shutil.copytree(ci_run, run_dir)
     stage_dir = run_dir / "train"
     # Recreate what an interruption during seed 1 leaves behind: no manifest, a started stage, seed 1 gone.
     manifest = read_json(stage_dir / "manifest.json")
@@ -135,7 +136,8 @@ def test_interrupted_stage_resumes_without_redoing_finished_work(tmp_path, capsy
     seed0 = (stage_dir / "ce" / "seed0" / "checkpoint.pt").stat().st_mtime_ns
     capsys.readouterr()
     run_study(_study(), tmp_path, stages=["train"], quiet=True)
-    assert "resuming" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming" in out
     assert (stage_dir / "ce" / "seed0" / "checkpoint.pt").stat().st_mtime_ns == seed0
     assert (stage_dir / "ce" / "seed1" / "metrics.json").exists()
     assert read_json(stage_dir / "manifest.json")["fingerprint"] == manifest["fingerprint"]
