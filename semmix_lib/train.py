@@ -16,6 +16,7 @@ from it and ends with the same numbers as an uninterrupted run (on the CPU).
 from __future__ import annotations
 
 import csv
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from .models import build_model
 from .runs import RunMismatchError
 
 __all__ = ["TrainConfig", "RunMismatchError", "GeneratedData", "load_generated", "train_run", "predict",
-           "resolve_device", "load_run"]
+           "resolve_device", "load_run", "world", "main"]
 
 
 @dataclass
@@ -54,6 +55,8 @@ class TrainConfig:
     n_bins: int = 15
     num_workers: int = 0
     n_aug: int = 1              # CSM: generated middle images per real image (plus the class endpoint)
+    amp: str = "none"           # "bf16": bfloat16 autocast for the training forward pass (GPU)
+    channels_last: bool = False # NHWC memory format (faster convolutions on recent GPUs)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -61,10 +64,22 @@ class TrainConfig:
         return d
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if world()[1] > 1:
+        torch.distributed.barrier()
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"`` picks CUDA when available, else the CPU."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     return torch.device(device)
 
 
@@ -80,7 +95,7 @@ def predict(model, dataset, batch_size: int = 512, device="cpu", num_workers: in
     return torch.cat(logits).numpy(), torch.cat(labels).numpy().astype(np.int64)
 
 
-def _check_folder(out_dir: Path, config: dict) -> None:
+def _check_folder(out_dir: Path, config: dict, write: bool = True) -> None:
     path = out_dir / "config.json"
     if path.exists():
         old = read_json(path)
@@ -89,7 +104,7 @@ def _check_folder(out_dir: Path, config: dict) -> None:
             raise RunMismatchError(
                 f"{out_dir} holds a run with other settings (differs in: {', '.join(diff)}). "
                 "Use another run folder, or delete this one to retrain.")
-    else:
+    elif write:
         write_json(path, config)
 
 
@@ -107,19 +122,23 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _batch(items, device) -> dict:
+def _batch(items, device, channels_last: bool = False) -> dict:
     """A loader's tuple as the dict methods take: x, y (+ gen_x, gen_t for CSM)."""
-    keys = ("x", "y", "gen_x", "gen_t")
-    return {k: v.to(device, non_blocking=True) for k, v in zip(keys, items)}
+    batch = {k: v.to(device, non_blocking=True) for k, v in zip(("x", "y", "gen_x", "gen_t"), items)}
+    if channels_last:
+        batch["x"] = batch["x"].contiguous(memory_format=torch.channels_last)
+    return batch
 
 
 def _train_epoch(model, loader, method, optimizer, cfg: TrainConfig, device) -> dict:
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for items in loader:
-        batch = _batch(items, device)
+        batch = _batch(items, device, cfg.channels_last)
         y = batch["y"]
-        loss, logits = method(model, batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+            loss, logits = method(model, batch)
+        loss = loss.float()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -209,7 +228,11 @@ def train_run(splits, cfg: TrainConfig, out_dir, device: str = "auto", progress:
     method = build_method(cfg.method, splits.num_classes)
     if method.uses_generated and generated is not None:
         config["generated"] = generated.fingerprint
-    _check_folder(out_dir, config)
+    rank, size = world()
+    if rank == 0:
+        _check_folder(out_dir, config)
+    _barrier()
+    _check_folder(out_dir, config, write=False)
     if (out_dir / "metrics.json").exists():
         return read_json(out_dir / "metrics.json")
 
@@ -217,13 +240,14 @@ def train_run(splits, cfg: TrainConfig, out_dir, device: str = "auto", progress:
     torch.manual_seed(cfg.seed)
     c, h, w = splits.image_shape
     model = build_model(cfg.model, splits.num_classes, in_channels=c, image_size=h).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = model if size == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, cfg.gamma)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(_train_set(splits, method, cfg, generated), batch_size=cfg.batch_size, shuffle=True,
-                        drop_last=False, generator=generator, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+    loader, sampler, generator = _loader(_train_set(splits, method, cfg, generated), cfg, rank, size, device)
 
     start_epoch, history, best_acc, best_epoch, wall = 0, [], -1.0, -1, 0.0
     if (out_dir / "last.pt").exists():
@@ -231,32 +255,70 @@ def train_run(splits, cfg: TrainConfig, out_dir, device: str = "auto", progress:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], generator)
+        _set_rng_state(load_checkpoint(out_dir / _rng_file(rank, size)) if size > 1 else state["rng"], generator)
         start_epoch, history = state["epoch"], state["history"]
         best_acc, best_epoch, wall = state["best_acc"], state["best_epoch"], state["wall"]
 
     bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.method} seed {cfg.seed}", initial=start_epoch,
-               total=cfg.epochs, disable=not progress, leave=False)
+               total=cfg.epochs, disable=not progress or rank != 0, leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(_train_epoch(model, loader, method, optimizer, cfg, device))
+        row.update(_train_epoch(net, loader, method, optimizer, cfg, device))
         scheduler.step()
+        # every rank scores the whole validation split, so all take the same best-epoch decision
         val_logits, val_labels = predict(model, splits.val, device=device, num_workers=cfg.num_workers)
         val = calibration_report(val_logits, val_labels, cfg.n_bins)
         row.update(val_loss=val["nll"], val_acc=val["acc"], val_ece=val["ece"])
         wall += time.perf_counter() - t0
         row["seconds"] = wall
         history.append(row)
-        if val["acc"] > best_acc:
+        improved = val["acc"] > best_acc
+        if improved:
             best_acc, best_epoch = val["acc"], epoch + 1
+        _save_epoch(out_dir, model, optimizer, scheduler, generator, rank, size, improved, {
+            "epoch": epoch + 1, "history": history, "best_acc": best_acc, "best_epoch": best_epoch, "wall": wall})
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val['acc']:.3f}", refresh=False)
+    if rank == 0:
+        _finish(model, splits, cfg, out_dir, device, history, best_epoch, wall)
+        for r in range(size if size > 1 else 0):
+            (out_dir / _rng_file(r, size)).unlink(missing_ok=True)
+    _barrier()
+    return read_json(out_dir / "metrics.json")
+
+
+def _rng_file(rank: int, size: int) -> str:
+    return f"rng.rank{rank}-of-{size}.pt"
+
+
+def _loader(train_set, cfg: TrainConfig, rank: int, size: int, device):
+    """Shuffled batches from a seeded generator; under DDP a DistributedSampler gives each rank its
+    share and ``batch_size`` stays the global batch (``batch_size // world`` per rank)."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = None
+    if size > 1:
+        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=size, rank=rank, shuffle=True,
+                                                      seed=cfg.seed)
+    loader = DataLoader(train_set, batch_size=max(cfg.batch_size // size, 1), shuffle=sampler is None,
+                        sampler=sampler, drop_last=False, generator=generator, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+    return loader, sampler, generator
+
+
+def _save_epoch(out_dir: Path, model, optimizer, scheduler, generator, rank: int, size: int, improved: bool,
+                progress: dict) -> None:
+    """Rank 0 writes the best weights and the resume state; every rank its own RNG state."""
+    if size > 1:
+        save_checkpoint(out_dir / _rng_file(rank, size), _rng_state(generator))
+    if rank == 0:
+        if improved:
             save_checkpoint(out_dir / "checkpoint.pt", model.state_dict())
         save_checkpoint(out_dir / "last.pt", {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": _rng_state(generator), "epoch": epoch + 1,
-            "history": history, "best_acc": best_acc, "best_epoch": best_epoch, "wall": wall})
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val['acc']:.3f}", refresh=False)
-    return _finish(model, splits, cfg, out_dir, device, history, best_epoch, wall)
+            "scheduler": scheduler.state_dict(), "rng": _rng_state(generator), **progress})
+    _barrier()
 
 
 def load_run(out_dir) -> dict:
@@ -268,3 +330,57 @@ def load_run(out_dir) -> dict:
         history = list(csv.DictReader(f))
     return {"metrics": read_json(out_dir / "metrics.json"), "config": read_json(out_dir / "config.json"),
             "history": history, "logits": load_arrays(out_dir / "logits.npz")}
+
+
+def main(argv=None) -> int:
+    """``python -m semmix_lib.train STUDY.yaml [--run NAME] [--methods ...] [--seeds ...]``: the train
+    stage of a study without notebooks, for ``torchrun`` on many GPUs / nodes (DDP; NCCL on GPUs,
+    gloo on CPUs). It writes the same run folders as the notebook, which then finds them finished."""
+    import argparse
+
+    from . import data
+    from .losses import build_method as _build
+    from .params import STAGES, load_study, stage_parameters
+
+    p = argparse.ArgumentParser(prog="python -m semmix_lib.train", description=main.__doc__.splitlines()[0])
+    p.add_argument("study", help="a study file (params/*.yaml)")
+    p.add_argument("--run", help="run folder name (default: the study's)")
+    p.add_argument("--outputs", default="outputs")
+    p.add_argument("--methods", nargs="+", help="default: the study's train.methods")
+    p.add_argument("--seeds", nargs="+", type=int, help="default: the study's train.seeds")
+    args = p.parse_args(argv)
+
+    study = load_study(args.study)
+    prm = stage_parameters(study, next(s for s in STAGES if s.name == "train"))
+    run_dir = Path(args.outputs) / (args.run or study["run"])
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    device = resolve_device(prm.get("device", "auto"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if launched and not world()[1] > 1:
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        splits = data.load_dataset(prm.get("dataset", "digits"), prm.get("data_root"),
+                                   split_seed=prm.get("split_seed", 0), noise_sigma=prm.get("noise_sigma", 0.5),
+                                   download=prm.get("download", False))
+        fields = set(TrainConfig.__dataclass_fields__) - {"method", "seed"}
+        recipe = {k: v for k, v in prm.items() if k in fields}
+        methods, seeds = args.methods or prm.get("methods", ["ce"]), args.seeds or prm.get("seeds", [0])
+        needs = any(_build(m, splits.num_classes).uses_generated for m in methods)
+        generated = load_generated(run_dir) if needs else None
+        for method in methods:
+            for seed in seeds:
+                cfg = TrainConfig(method=method, seed=seed, **recipe)
+                m = train_run(splits, cfg, run_dir / "train" / method / f"seed{seed}", device=device,
+                              progress=world()[0] == 0, generated=generated)
+                if world()[0] == 0:
+                    print(f"{method} seed {seed}: acc {m['test']['acc']:.4f} ECE {m['test']['ece']:.4f} "
+                          f"-> {m['test_ts']['ece']:.4f} (T = {m['temperature']:.1f})", flush=True)
+    finally:
+        if launched and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

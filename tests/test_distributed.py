@@ -47,3 +47,21 @@ def test_two_ranks_write_the_same_images_as_one(checkpoint, tmp_path):
     for rel in plan["path"]:
         assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
     assert "56 images of 7 groups" in single.stdout + double.stdout
+
+
+def test_training_under_torchrun_with_two_gloo_processes(tmp_path):
+    """DDP on two CPU processes: one set of run files written by rank 0, one report, finished metrics."""
+    study = tmp_path / "study.yaml"
+    study.write_text("run: ddp\nshared: {dataset: digits, device: cpu}\n"
+                     "train: {model: small_cnn, methods: [ce], seeds: [0], epochs: 2, milestones: [1]}\n")
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "semmix_lib.train", str(study), "--outputs", str(tmp_path / "out")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "out" / "ddp" / "train" / "ce" / "seed0"
+    metrics = (run / "metrics.json").read_text()
+    assert '"best_epoch"' in metrics and proc.stdout.count("ce seed 0: acc") == 1  # rank 0 reports once
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "history.csv",
+                                                      "logits.npz", "metrics.json"]
+    assert len((run / "history.csv").read_text().splitlines()) == 1 + 2

@@ -289,27 +289,40 @@ def test_rankmixup_mrl_ignores_same_class_pairs():
     assert loss.item() == pytest.approx(F.cross_entropy(logits, batch["y"]).item(), rel=1e-7)
 
 
-def test_rankmixup_mndcg_loss_matches_its_draws():
-    method, model, batch, loss, logits = _call("rankmixup_mndcg")
+def _mndcg_by_hand(model, batch, lams, perms):
+    """Loss and the number of samples whose DCG exceeds the IDCG, by a loop over samples."""
     x, y = batch["x"], batch["y"]
-    assert len(method.last_lam) == 3 and len(set(method.last_lam)) == 3
     clean = model(x).softmax(1).tolist()
-    mixed = [model(lam * x + (1 - lam) * x[perm]).softmax(1).tolist()
-             for lam, perm in zip(method.last_lam, method.last_perm)]
-    total = 0.0
+    mixed = [model(lam * x + (1 - lam) * x[perm]).softmax(1).tolist() for lam, perm in zip(lams, perms)]
+    total, over = 0.0, 0
     for i in range(len(y)):
         items = [(1.0, max(clean[i]))]          # (label max, confidence); the clean sample first
         mixes = []
-        for m, (lam, perm) in enumerate(zip(method.last_lam, method.last_perm)):
+        for m, (lam, perm) in enumerate(zip(lams, perms)):
             t = 1.0 if y[i] == y[perm[i]] else max(lam, 1 - lam)
             mixes.append((t, max(mixed[m][i])))
         items += sorted(mixes, key=lambda tc: -tc[0])
         dcg = sum(c / math.log2(r + 2) for r, (_, c) in enumerate(items))
         idcg = sum(t / math.log2(r + 2) for r, (t, _) in enumerate(items))
         total += 1 - (dcg / idcg if idcg > dcg else idcg / dcg)
-    want = F.cross_entropy(model(x), y).item() + 0.1 * total / len(y)
+        over += dcg > idcg
+    return F.cross_entropy(model(x), y).item() + 0.1 * total / len(y), over
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_rankmixup_mndcg_loss_matches_its_draws(scale):
+    # scale 30 makes the stub over-confident, so that DCG > IDCG for some samples (the inverted ratio)
+    model, batch = _stub(), _batch()
+    with torch.no_grad():
+        model[1].weight.mul_(scale)
+    method = build_method("rankmixup_mndcg", 4)
+    torch.manual_seed(0)
+    loss, logits = method(model, batch)
+    assert len(method.last_lam) == 3 and len(set(method.last_lam)) == 3
+    want, over = _mndcg_by_hand(model, batch, method.last_lam, method.last_perm)
+    assert (over > 0) == (scale > 1)
     assert loss.item() == pytest.approx(want, rel=1e-6)
-    assert torch.allclose(logits, model(x))
+    assert torch.allclose(logits, model(batch["x"]))
 
 
 # --------------------------------------------------------------------------------------------------
