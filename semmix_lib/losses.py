@@ -376,9 +376,9 @@ def focal(num_classes: int, gamma: float = 3.0) -> Method:
 
 
 @register_method("flsd53")
-def flsd53(num_classes: int, gamma: float = 3.0, gamma_low_p: float = 5.0,
-           p_switch: float = 0.2) -> Method:
-    """FLSD-53: gamma 5 when the true-class probability is below 0.2, else 3 (RankMixup ``focal_adaptive``)."""
+def flsd53(num_classes: int, gamma: float = 3.0, gamma_low_p: float = 5.0, p_switch: float = 0.2) -> Method:
+    """FLSD-53: gamma 5 when the true-class probability is below 0.2, else 3 (RankMixup
+    ``focal_adaptive.yaml``)."""
     return CriterionMethod(FocalLossSD(gamma, gamma_low_p, p_switch))
 
 
