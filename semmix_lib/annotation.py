@@ -52,7 +52,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .io import atomic_path, read_json, sha256_file, write_json
+from .distributed import is_on, rank_and_world
+from .io import atomic_path, read_json, settings_diff, sha256_file, write_json
 from .mixing import PLAN_COLUMNS, check_images, read_manifest
 from .progress import tqdm
 
@@ -666,8 +667,8 @@ def annotate(gen_dir, out_dir, encoder, prototypes, s: float, *, normalize: bool
     prototypes = _check_prototypes(prototypes, manifest, normalize)
     embed_fn, enc_desc = _embedder(encoder, encoder_info, batch_size, device, num_workers)
     settings = _settings(gen_dir, manifest, enc_desc, s, normalize, chunk_size, prototypes, extra)
-    rank, world_size = _resolve_rank(rank, world_size)
-    sync = _dist_on()
+    rank, world_size = rank_and_world(rank, world_size)
+    sync = is_on()
     _prepare_out(out_dir, settings, prototypes, rank, sync)
 
     n_chunks = math.ceil(len(manifest) / chunk_size)
@@ -956,15 +957,9 @@ def _read_settings(out_dir: Path) -> dict:
     return read_json(path)
 
 
-def _diff_settings(old: dict, new: dict, ignore=()) -> list[str]:
-    was, now = _flatten(old), _flatten(new)
-    return [f"{k}: {_short(was.get(k))} (folder) vs {_short(now.get(k))} (now)"
-            for k in sorted(set(was) | set(now)) if k not in ignore and was.get(k) != now.get(k)]
-
-
 def _check_settings(out_dir: Path, settings: dict, ignore=()) -> dict:
     old = _read_settings(out_dir)
-    diffs = _diff_settings(old, settings, ignore)
+    diffs = settings_diff(old, settings, ignore)
     if diffs:
         raise AnnotationMismatchError(
             f"{out_dir} holds an annotation made with other settings ({'; '.join(diffs)}). Use another folder, or "
@@ -1010,38 +1005,6 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 def _chunk_path(out_dir: Path, i: int) -> Path:
     return Path(out_dir) / EMBEDDINGS_DIR / f"chunk_{i:05d}.npy"
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
-def _short(v, n: int = 80) -> str:
-    text = repr(v)
-    return text if len(text) <= n else text[:n] + "..."
-
-
-def _dist_on() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _resolve_rank(rank, world_size) -> tuple[int, int]:
-    if rank is None:
-        rank = torch.distributed.get_rank() if _dist_on() else 0
-    if world_size is None:
-        world_size = torch.distributed.get_world_size() if _dist_on() else 1
-    if isinstance(rank, bool) or isinstance(world_size, bool):
-        raise TypeError("rank and world_size must be integers")
-    rank, world_size = int(rank), int(world_size)
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
-    return rank, world_size
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1098,10 +1061,10 @@ def main(argv=None) -> int:
         if launched:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    if launched and not _dist_on():
+    if launched and not is_on():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
-        rank = torch.distributed.get_rank() if _dist_on() else 0
+        rank = torch.distributed.get_rank() if is_on() else 0
         quick_gelu = {"auto": None, "on": True, "off": False}[args.quick_gelu]
         model, preprocess = load_encoder(args.model, args.pretrained, device, quick_gelu=quick_gelu,
                                          allow_torchscript=args.allow_torchscript)
@@ -1122,7 +1085,7 @@ def main(argv=None) -> int:
             if rank == 0:
                 prototypes = compute_prototypes(model, preprocess, splits, args.normalize, args.batch_size, device,
                                                 args.num_workers, progress=not args.no_progress)
-            if _dist_on():
+            if is_on():
                 prototypes = _broadcast_prototypes(prototypes, splits.num_classes, model, device)
         table = annotate(gen_dir, out_dir, (model, preprocess), prototypes, s, normalize=args.normalize,
                          chunk_size=args.chunk_size, batch_size=args.batch_size, device=device,
@@ -1131,7 +1094,7 @@ def main(argv=None) -> int:
             print(f"{len(table)} images annotated in {out_dir / TABLE_FILE} (s = {s}, lam_clip in "
                   f"[{table['lam_clip'].min():.3f}, {table['lam_clip'].max():.3f}])")
     finally:
-        if launched and _dist_on():
+        if launched and is_on():
             torch.distributed.destroy_process_group()
     return 0
 

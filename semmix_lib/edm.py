@@ -449,7 +449,8 @@ def heun_sampler(net, latents, class_labels=None, num_steps: int = 18, sigma_min
         # Lines 4-6: raise the noise level to t_hat = (1 + gamma) t_cur by adding fresh noise.
         gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
         t_hat = net.round_sigma(t_cur + gamma * t_cur)
-        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur) if gamma > 0 else x_cur
+        # noise is drawn on every step once churn is on (as the reference does), none without it
+        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur) if S_churn > 0 else x_cur
         # Lines 7-8: Euler step with d = (x - D(x; t)) / t.
         d_cur = (x_hat - net(x_hat, t_hat, class_labels).to(torch.float64)) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur

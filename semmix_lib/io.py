@@ -19,7 +19,7 @@ import torch
 
 __all__ = [
     "atomic_path", "write_json", "read_json", "save_checkpoint", "load_checkpoint",
-    "save_arrays", "load_arrays", "sha256_file", "sha256_json", "CheckpointError",
+    "save_arrays", "load_arrays", "sha256_file", "sha256_json", "CheckpointError", "settings_diff",
 ]
 
 
@@ -109,3 +109,26 @@ def save_arrays(path, **arrays) -> None:
 def load_arrays(path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, to name the exact setting that differs."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _short(v, n: int = 80) -> str:
+    text = repr(v)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def settings_diff(old: dict, new: dict, ignore=()) -> list[str]:
+    """``"key.sub: old (folder) vs new (now)"`` for every nested setting that differs."""
+    was, now = _flatten(old), _flatten(new)
+    return [f"{k}: {_short(was.get(k))} (folder) vs {_short(now.get(k))} (now)"
+            for k in sorted(set(was) | set(now)) if k not in ignore and was.get(k) != now.get(k)]

@@ -54,7 +54,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from .progress import tqdm
 
-from .io import atomic_path, read_json, sha256_file, write_json
+from .distributed import is_on, rank_and_world
+from .io import atomic_path, read_json, settings_diff, sha256_file, write_json
 
 __all__ = [
     "ROW_ALIGN", "PATH_TEMPLATE", "PLAN_COLUMNS", "GenerationMismatchError", "class_pairs", "parse_seeds",
@@ -235,7 +236,7 @@ def generate_mixed(net, plan: pd.DataFrame, out_dir, num_steps: int = 20, sigma_
         raise ValueError("the network is in training mode (dropout would randomise the images); call net.eval()")
     plan = _check_plan(plan, K)
     n_mix = int((plan["group"] == 0).sum())
-    rank, world_size = _resolve_rank(rank, world_size)
+    rank, world_size = rank_and_world(rank, world_size)
     if device is None:
         device = next((p.device for p in net.parameters()), torch.device("cpu"))
     device = torch.device(device)
@@ -358,18 +359,6 @@ def _check_rank(rank, world_size) -> tuple[int, int]:
     return rank, world_size
 
 
-def _dist_on() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _resolve_rank(rank, world_size) -> tuple[int, int]:
-    if rank is None:
-        rank = torch.distributed.get_rank() if _dist_on() else 0
-    if world_size is None:
-        world_size = torch.distributed.get_world_size() if _dist_on() else 1
-    return _check_rank(rank, world_size)
-
-
 def _check_plan(plan: pd.DataFrame, num_classes: int) -> pd.DataFrame:
     """The plan must be a whole :func:`group_plan` for the network's class count (sharding happens here)."""
     missing = [c for c in PLAN_COLUMNS if c not in plan.columns]
@@ -420,7 +409,7 @@ def _jsonable(obj):
 def _prepare_folder(out_dir: Path, settings: dict, plan: pd.DataFrame, rank: int) -> None:
     """Write or check ``generation.json``, then write ``manifest.csv`` if absent. Under torch.distributed
     rank 0 goes first and the others check after a barrier."""
-    sync = _dist_on()
+    sync = is_on()
     if not sync or rank == 0:
         _write_or_check(out_dir, settings, plan)
     if sync:
@@ -435,9 +424,7 @@ def _write_or_check(out_dir: Path, settings: dict, plan: pd.DataFrame) -> None:
     if gen_path.exists():
         old = read_json(gen_path)
         if old != settings:
-            was, now = _flatten(old), _flatten(settings)
-            diffs = [f"{k}: {_short(was.get(k))} (folder) vs {_short(now.get(k))} (now)"
-                     for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+            diffs = settings_diff(old, settings)
             raise GenerationMismatchError(
                 f"{out_dir} holds a generation made with other settings ({'; '.join(diffs)}). "
                 "Use another folder, or delete this one to start afresh; images are never mixed.")
@@ -450,22 +437,6 @@ def _write_or_check(out_dir: Path, settings: dict, plan: pd.DataFrame) -> None:
     if not man_path.exists():
         with atomic_path(man_path) as tmp:
             plan.to_csv(tmp, index=False)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, to name the exact setting that differs."""
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
-def _short(v, n: int = 80) -> str:
-    s = repr(v)
-    return s if len(s) <= n else s[:n] + "..."
 
 
 # --------------------------------------------------------------------------------------------------
@@ -496,7 +467,7 @@ def main(argv=None) -> int:
         if launched:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    if launched and not _dist_on():
+    if launched and not is_on():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         net = edm.load_edm_checkpoint(args.checkpoint, device=device).eval()
@@ -504,13 +475,13 @@ def main(argv=None) -> int:
         generate_mixed(net, plan, args.out, num_steps=args.num_steps, sigma_min=args.sigma_min,
                        sigma_max=args.sigma_max, rho=args.rho, batch_size=args.batch_size, device=device,
                        progress=not args.no_progress, extra={"checkpoint_sha256": sha256_file(args.checkpoint)})
-        if _dist_on():
+        if is_on():
             torch.distributed.barrier()
-        if not _dist_on() or torch.distributed.get_rank() == 0:
+        if not is_on() or torch.distributed.get_rank() == 0:
             check_images(args.out)
             print(f"{len(plan)} images of {plan['group'].nunique()} groups in {args.out}")
     finally:
-        if launched and _dist_on():
+        if launched and is_on():
             torch.distributed.destroy_process_group()
     return 0
 

@@ -26,7 +26,7 @@ from torch import nn
 
 __all__ = [
     "MODELS", "register_model", "build_model", "count_parameters", "SmallCNN",
-    "BasicBlock", "Bottleneck", "ResNet", "CifarBasicBlock", "CifarResNet", "WideBasicBlock", "WideResNet",
+    "BasicBlock", "Bottleneck", "ResNet", "CifarBasicBlock", "CifarResNet", "WideResNet",
     "DenseLayer", "Transition", "DenseNet",
 ]
 

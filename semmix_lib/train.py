@@ -30,6 +30,7 @@ from .calibration import fit_temperature, apply_temperature
 from .io import load_checkpoint, read_json, save_arrays, save_checkpoint, write_json, load_arrays
 from .losses import RAW_LAMBDA_METHODS, build_method
 from .metrics import calibration_report
+from .distributed import barrier, rank_and_world as world
 from .models import build_model
 from .runs import RunMismatchError
 
@@ -62,18 +63,6 @@ class TrainConfig:
         d = asdict(self)
         d["milestones"] = [int(m) for m in d["milestones"]]
         return d
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) under torch.distributed, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if world()[1] > 1:
-        torch.distributed.barrier()
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -231,7 +220,7 @@ def train_run(splits, cfg: TrainConfig, out_dir, device: str = "auto", progress:
     rank, size = world()
     if rank == 0:
         _check_folder(out_dir, config)
-    _barrier()
+    barrier()
     _check_folder(out_dir, config, write=False)
     if (out_dir / "metrics.json").exists():
         return read_json(out_dir / "metrics.json")
@@ -285,7 +274,7 @@ def train_run(splits, cfg: TrainConfig, out_dir, device: str = "auto", progress:
         _finish(model, splits, cfg, out_dir, device, history, best_epoch, wall)
         for r in range(size if size > 1 else 0):
             (out_dir / _rng_file(r, size)).unlink(missing_ok=True)
-    _barrier()
+    barrier()
     return read_json(out_dir / "metrics.json")
 
 
@@ -318,7 +307,7 @@ def _save_epoch(out_dir: Path, model, optimizer, scheduler, generator, rank: int
         save_checkpoint(out_dir / "last.pt", {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": _rng_state(generator), **progress})
-    _barrier()
+    barrier()
 
 
 def load_run(out_dir) -> dict:
@@ -357,7 +346,7 @@ def main(argv=None) -> int:
     device = resolve_device(prm.get("device", "auto"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if launched and not world()[1] > 1:
+    if launched and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         splits = data.load_dataset(prm.get("dataset", "digits"), prm.get("data_root"),

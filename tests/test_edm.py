@@ -76,7 +76,9 @@ class GaussianDenoiser(_Stub):
         self.class_mus = None if class_mus is None else torch.as_tensor(class_mus, dtype=torch.float64)
 
     def denoise(self, x, sigma, class_labels):
-        mu = self.mu if self.class_mus is None else (class_labels.to(torch.float64) @ self.class_mus).reshape(-1, 1, 1, 1)
+        mu = self.mu
+        if self.class_mus is not None:
+            mu = (class_labels.to(torch.float64) @ self.class_mus).reshape(-1, 1, 1, 1)
         s2 = self.s ** 2
         return (s2 * x + sigma ** 2 * mu) / (s2 + sigma ** 2)
 
@@ -269,9 +271,11 @@ def test_heun_deterministic_and_churn_reproducible(small_net):
     a = heun_sampler(small_net, z, labels, num_steps=4)
     b = heun_sampler(small_net, z.clone(), labels, num_steps=4)
     assert torch.equal(a, b) and torch.isfinite(a).all()
-    # the seeded randn_like is called only when S_churn > 0
-    sentinel = lambda x: (_ for _ in ()).throw(AssertionError("randn_like called with S_churn=0"))  # noqa: E731
-    assert torch.equal(heun_sampler(small_net, z, labels, num_steps=4, randn_like=sentinel), a)
+    # with S_churn = 0 no noise is drawn at all
+    def no_noise(x):
+        raise AssertionError("randn_like called with S_churn = 0")
+
+    assert torch.equal(heun_sampler(small_net, z, labels, num_steps=4, randn_like=no_noise), a)
     c1 = heun_sampler(small_net, z, labels, num_steps=4, S_churn=10, randn_like=_seeded_randn_like(7))
     c2 = heun_sampler(small_net, z, labels, num_steps=4, S_churn=10, randn_like=_seeded_randn_like(7))
     c3 = heun_sampler(small_net, z, labels, num_steps=4, S_churn=10, randn_like=_seeded_randn_like(8))

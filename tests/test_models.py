@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from semmix_lib.models import MODELS, build_model, count_parameters
 

@@ -14,7 +14,7 @@ import yaml
 from semmix_lib import params as P
 from semmix_lib.io import read_json
 from semmix_lib.pipeline import PipelineError, main, run_study
-from semmix_lib.runs import RunMismatchError, begin_stage, stage_fingerprint
+from semmix_lib.runs import RunMismatchError, begin_stage
 
 REPO = Path(__file__).resolve().parent.parent
 CI_STUDY = REPO / "params" / "ci.yaml"
