@@ -10,7 +10,7 @@ from .calibration import apply_temperature
 from .io import load_arrays, read_json
 
 __all__ = ["collect_runs", "results_table", "format_table", "TABLE_METRICS", "write_table",
-           "test_logits"]
+           "test_logits", "method_order"]
 
 #: (column, metrics.json section, key): the paper's numbers, before and after temperature scaling.
 TABLE_METRICS = (
@@ -83,3 +83,13 @@ def test_logits(runs: pd.DataFrame, temperature_scaled: bool = False, seed=None)
             logits = apply_temperature(logits, row["T"])
         panels[f"{method} (T={row['T']:.1f})" if temperature_scaled else method] = (logits, arrays["test_labels"])
     return panels
+
+
+def method_order(run_dir, runs: pd.DataFrame) -> list[str]:
+    """Methods in the order the study listed them (the train stage's manifest), else as found."""
+    for name in ("manifest.json", "stage.json"):
+        path = Path(run_dir) / "train" / name
+        if path.exists():
+            listed = read_json(path)["parameters"].get("methods", [])
+            return [m for m in listed if m in set(runs.method)] + sorted(set(runs.method) - set(listed))
+    return list(dict.fromkeys(runs.method))
