@@ -56,6 +56,7 @@ class TrainConfig:
     n_bins: int = 15
     num_workers: int = 0
     n_aug: int = 1              # CSM: generated middle images per real image (plus the class endpoint)
+    method_settings: dict = field(default_factory=dict)  # overrides of the method's defaults, e.g. {"alpha": 1.0}
     amp: str = "none"           # "bf16": bfloat16 autocast for the training forward pass (GPU)
     channels_last: bool = False # NHWC memory format (faster convolutions on recent GPUs)
 
@@ -214,7 +215,7 @@ def train_run(splits, cfg: TrainConfig, out_dir, device: str = "auto", progress:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = {**cfg.to_dict(), "data": data_fingerprint or getattr(splits, "fingerprint", None)}
-    method = build_method(cfg.method, splits.num_classes)
+    method = build_method(cfg.method, splits.num_classes, **cfg.method_settings)
     if method.uses_generated and generated is not None:
         config["generated"] = generated.fingerprint
     rank, size = world()
@@ -352,14 +353,15 @@ def main(argv=None) -> int:
         splits = data.load_dataset(prm.get("dataset", "digits"), prm.get("data_root"),
                                    split_seed=prm.get("split_seed", 0), noise_sigma=prm.get("noise_sigma", 0.5),
                                    download=prm.get("download", False))
-        fields = set(TrainConfig.__dataclass_fields__) - {"method", "seed"}
+        fields = set(TrainConfig.__dataclass_fields__) - {"method", "seed", "method_settings"}
         recipe = {k: v for k, v in prm.items() if k in fields}
+        per_method = prm.get("method_settings") or {}
         methods, seeds = args.methods or prm.get("methods", ["ce"]), args.seeds or prm.get("seeds", [0])
         needs = any(_build(m, splits.num_classes).uses_generated for m in methods)
         generated = load_generated(run_dir) if needs else None
         for method in methods:
             for seed in seeds:
-                cfg = TrainConfig(method=method, seed=seed, **recipe)
+                cfg = TrainConfig(method=method, seed=seed, method_settings=per_method.get(method, {}), **recipe)
                 m = train_run(splits, cfg, run_dir / "train" / method / f"seed{seed}", device=device,
                               progress=world()[0] == 0, generated=generated)
                 if world()[0] == 0:

@@ -376,3 +376,17 @@ def test_best_epoch_with_scripted_val_accuracy(digits, tmp_path, monkeypatch):
     np.testing.assert_array_equal(train_mod.predict(model, digits.test)[0], saved["test_logits"])
     model.load_state_dict(weights[4])
     assert not np.array_equal(train_mod.predict(model, digits.test)[0], saved["test_logits"])
+
+
+def test_method_settings_bf16_and_channels_last_run_on_cpu(tmp_path):
+    """The GPU options also run on the CPU (bf16 autocast, NHWC), and method settings reach the method."""
+    TrainConfig, train_run = train_mod.TrainConfig, train_mod.train_run
+    splits = load_dataset("digits")
+    cfg = TrainConfig(model="small_cnn", method="mixup", epochs=1, milestones=[1], seed=0,
+                      method_settings={"alpha": 0.0}, amp="bf16", channels_last=True)
+    m = train_run(splits, cfg, tmp_path / "run", device="cpu", progress=False)
+    assert 0.0 <= m["test"]["acc"] <= 1.0 and m["best_epoch"] == 1
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["method_settings"] == {"alpha": 0.0}
+    with pytest.raises(TypeError):
+        train_run(splits, TrainConfig(model="small_cnn", method="ce", epochs=1, milestones=[1],
+                                      method_settings={"nope": 1}), tmp_path / "bad", device="cpu", progress=False)
