@@ -9,17 +9,16 @@ import pandas as pd
 from .calibration import apply_temperature
 from .io import load_arrays, read_json
 
-__all__ = ["collect_runs", "results_table", "format_table", "TABLE_METRICS", "write_table",
-           "test_logits", "method_order"]
+__all__ = ["collect_runs", "check_consistent", "results_table", "format_table", "TABLE_METRICS", "write_table",
+           "test_logits", "method_order", "best_mask", "to_latex"]
 
 #: (column, metrics.json section, key): the paper's numbers, before and after temperature scaling.
-TABLE_METRICS = (
-    ("acc", "test", "acc"), ("ece", "test", "ece"), ("adaece", "test", "adaece"),
-    ("cece", "test", "cece"), ("nll", "test", "nll"),
-    ("ece_ts", "test_ts", "ece"), ("adaece_ts", "test_ts", "adaece"), ("cece_ts", "test_ts", "cece"),
-    ("nll_ts", "test_ts", "nll"), ("T", None, "temperature"),
-)
-PERCENT = {"acc", "ece", "adaece", "cece", "ece_ts", "adaece_ts", "cece_ts"}
+_KEYS = ("acc", "ece", "adaece", "cece", "nll", "brier", "oe", "ue")
+TABLE_METRICS = tuple((k, "test", k) for k in _KEYS) + tuple(
+    (f"{k}_ts", "test_ts", k) for k in _KEYS if k != "acc") + (("T", None, "temperature"),)
+PERCENT = {c for c, _, k in TABLE_METRICS if k in ("acc", "ece", "adaece", "cece", "oe", "ue")}
+#: Columns where higher is better; every other metric column is lower-is-better (T is not ranked).
+HIGHER_BETTER = {"acc"}
 
 
 def collect_runs(train_dir) -> tuple[pd.DataFrame, list[str]]:
@@ -32,21 +31,35 @@ def collect_runs(train_dir) -> tuple[pd.DataFrame, list[str]]:
             missing.append(str(run.relative_to(train_dir)))
             continue
         m = read_json(path)
-        row = {"method": m["method"], "model": m["model"], "seed": m["seed"], "path": str(run)}
+        row = {"dataset": m.get("dataset", "?"), "method": m["method"], "model": m["model"], "seed": m["seed"],
+               "path": str(run)}
         for col, section, key in TABLE_METRICS:
             row[col] = m[key] if section is None else m[section][key]
         rows.append(row)
-    return pd.DataFrame(rows), missing
+    runs = pd.DataFrame(rows)
+    if not runs.empty:
+        check_consistent(runs)
+    return runs, missing
+
+
+def check_consistent(runs: pd.DataFrame) -> None:
+    """The seeds of one (dataset, model, method) must share every setting but the seed."""
+    for key, group in runs.groupby(["dataset", "model", "method"]):
+        configs = [{k: v for k, v in read_json(Path(p) / "config.json").items() if k != "seed"} for p in group.path]
+        differing = sorted({k for c in configs for k in set(c) | set(configs[0]) if c.get(k) != configs[0].get(k)})
+        if differing:
+            raise ValueError(f"the seeds of {'/'.join(key)} were trained with different settings "
+                             f"({', '.join(differing)}): they cannot be averaged. Keep one setting per run folder.")
 
 
 def results_table(runs: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
     """Mean and standard deviation over seeds per (model, method); metrics stay fractions."""
     cols = [c for c, _, _ in TABLE_METRICS]
-    grouped = runs.groupby(["model", "method"], sort=False)[cols]
-    table = grouped.mean().join(grouped.std(ddof=1).fillna(0.0), rsuffix="_std")
+    grouped = runs.groupby(["dataset", "model", "method"], sort=False)[cols]
+    table = grouped.mean().join(grouped.std(ddof=1).fillna(0.0).add_suffix("_std"))
     table.insert(0, "seeds", grouped.size())
     if order:
-        table = table.reindex(sorted(table.index, key=lambda i: order.index(i[1]) if i[1] in order else 99))
+        table = table.reindex(sorted(table.index, key=lambda i: order.index(i[2]) if i[2] in order else 99))
     return table
 
 
@@ -62,13 +75,47 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def best_mask(table: pd.DataFrame) -> pd.DataFrame:
+    """True where a row has the best mean of its column within its (dataset, model) block."""
+    mask = pd.DataFrame(False, index=table.index, columns=[c for c, _, _ in TABLE_METRICS])
+    for col in mask.columns:
+        if col == "T":
+            continue
+        block = table[col].groupby(level=["dataset", "model"])
+        best = block.transform("max" if col in HIGHER_BETTER else "min")
+        mask[col] = table[col] == best
+    return mask
+
+
+def _marked(table: pd.DataFrame, bold) -> pd.DataFrame:
+    out = format_table(table)
+    mask = best_mask(table)
+    for col, _, _ in TABLE_METRICS:
+        name = f"{col} (%)" if col in PERCENT else col
+        out[name] = [bold(v) if m else v for v, m in zip(out[name], mask[col])]
+    return out
+
+
+def to_latex(table: pd.DataFrame) -> str:
+    """A booktabs LaTeX table, best value per column in bold, ``mean \\pm std``."""
+    out = _marked(table, lambda v: f"\\textbf{{{v}}}").reset_index()
+    out.columns = [str(c).replace("_", r"\_").replace("%", r"\%") for c in out.columns]
+    body = out.map(lambda v: str(v).replace(" ± ", r" $\pm$ ").replace("_", r"\_"))
+    lines = [r"\begin{tabular}{" + "l" * 3 + "r" * (len(out.columns) - 3) + "}", r"\toprule",
+             " & ".join(out.columns) + r" \\", r"\midrule"]
+    lines += [" & ".join(row) + r" \\" for row in body.astype(str).values.tolist()]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
 def write_table(table: pd.DataFrame, out_dir, name: str = "results") -> dict[str, Path]:
-    """The numeric table as CSV, the formatted one as Markdown."""
+    """The numeric table as CSV; Markdown and LaTeX (booktabs) with the best value per column in bold."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out_dir / f"{name}.csv", "md": out_dir / f"{name}.md"}
+    paths = {"csv": out_dir / f"{name}.csv", "md": out_dir / f"{name}.md", "tex": out_dir / f"{name}.tex"}
     table.to_csv(paths["csv"], float_format="%.6f")
-    paths["md"].write_text(format_table(table).reset_index().to_markdown(index=False) + "\n")
+    paths["md"].write_text(_marked(table, lambda v: f"**{v}**").reset_index().to_markdown(index=False) + "\n")
+    paths["tex"].write_text(to_latex(table))
     return paths
 
 

@@ -158,7 +158,7 @@ def _finish(model, splits, cfg: TrainConfig, out_dir: Path, device, history, bes
                 test_logits=test_logits, test_labels=test_labels)
     t = fit_temperature(val_logits, val_labels, method=cfg.ts_method, n_bins=cfg.n_bins)
     metrics = {
-        "method": cfg.method, "model": cfg.model, "seed": cfg.seed,
+        "dataset": splits.name, "method": cfg.method, "model": cfg.model, "seed": cfg.seed,
         "best_epoch": best_epoch, "epochs": cfg.epochs, "temperature": t, "ts_method": cfg.ts_method,
         "val": calibration_report(val_logits, val_labels, cfg.n_bins),
         "test": calibration_report(test_logits, test_labels, cfg.n_bins),
