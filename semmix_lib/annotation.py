@@ -959,7 +959,10 @@ def _read_settings(out_dir: Path) -> dict:
 
 def _check_settings(out_dir: Path, settings: dict, ignore=()) -> dict:
     old = _read_settings(out_dir)
-    diffs = settings_diff(old, settings, ignore)
+    # The weights are identified by the hash of their tensors (encoder.parameters_sha256): the file's
+    # own hash changes whenever the same weights are saved again (torch.save writes a random
+    # serialization id), so it is recorded but not compared.
+    diffs = settings_diff(old, settings, (*ignore, "encoder.weights_sha256"))
     if diffs:
         raise AnnotationMismatchError(
             f"{out_dir} holds an annotation made with other settings ({'; '.join(diffs)}). Use another folder, or "

@@ -157,7 +157,7 @@ def test_nbval_reexecution_reproduces_the_executed_notebooks(tmp_path):
     run_dir = run_study(_study(), tmp_path, quiet=True)
     # make nbval train and generate again rather than read the results back
     for rel in ("generate/edm", "generate/images", "generate/check_classifier", "annotate/clip",
-                "annotate/embeddings", "train/ce"):
+                "annotate/embeddings", "train/ce", "train/csm"):
         shutil.rmtree(run_dir / rel)
     (run_dir / "annotate" / "annotations.csv").unlink()
     notebooks = [str(run_dir / stage / nb) for stage, nb in (
