@@ -10,7 +10,7 @@ from .calibration import apply_temperature
 from .io import load_arrays, read_json
 
 __all__ = ["collect_runs", "check_consistent", "results_table", "format_table", "TABLE_METRICS", "write_table",
-           "test_logits", "method_order", "best_mask", "to_latex"]
+           "test_logits", "method_order", "best_mask", "to_latex", "first_seed_histories", "upstream_figures"]
 
 #: (column, metrics.json section, key): the paper's numbers, before and after temperature scaling.
 _KEYS = ("acc", "ece", "adaece", "cece", "nll", "brier", "oe", "ue")
@@ -140,3 +140,37 @@ def method_order(run_dir, runs: pd.DataFrame) -> list[str]:
             listed = read_json(path)["parameters"].get("methods", [])
             return [m for m in listed if m in set(runs.method)] + sorted(set(runs.method) - set(listed))
     return list(dict.fromkeys(runs.method))
+
+
+def first_seed_histories(runs: pd.DataFrame) -> dict[str, list[dict]]:
+    """``method -> history rows`` of each method's first seed (for the training-curve figure)."""
+    from .train import load_run
+
+    first = runs.sort_values("seed").groupby("method", sort=False).head(1)
+    return {r.method: load_run(r.path)["history"] for r in first.itertuples()}
+
+
+def upstream_figures(run_dir, out_dir) -> list[str]:
+    """The generation grid and the reannotation figure, redrawn from ``generate/`` and ``annotate/``;
+    returns what was drawn or why not (a missing stage is reported, not an error)."""
+    from . import mixcheck, plots
+    from .annotation import read_annotations
+    from .mixing import read_manifest
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    gen_dir, ann_dir = run_dir / "generate", run_dir / "annotate"
+    done = []
+    if (gen_dir / "manifest.csv").exists():
+        grid, lams, labels = mixcheck.example_groups(gen_dir, read_manifest(gen_dir), max_rows=10)
+        plots.save_figure(plots.mixing_grid(grid, lams, labels), out_dir / "mixing_grid")
+        done.append("mixing_grid")
+    else:
+        done.append(f"no generation in {gen_dir}: mixing grid skipped")
+    if (ann_dir / "annotations.csv").exists():
+        table = read_annotations(ann_dir, gen_dir)
+        s = read_json(ann_dir / "annotation.json")["s"]
+        plots.save_figure(plots.reannotation(table, s), out_dir / "reannotation")
+        done.append("reannotation")
+    else:
+        done.append(f"no annotation in {ann_dir}: reannotation figure skipped")
+    return done

@@ -10,7 +10,8 @@ import numpy as np
 from .metrics import bin_stats, check_labels, ece, softmax
 
 __all__ = ["reliability_diagram", "confidence_histogram", "reliability_grid", "training_curves",
-           "save_figure", "mixing_grid", "mixing_check", "reannotation", "annotated_examples"]
+           "save_figure", "mixing_grid", "mixing_check", "reannotation", "annotated_examples",
+           "ece_vs_accuracy"]
 
 
 def _top1(logits, labels):
@@ -179,5 +180,22 @@ def annotated_examples(gen_dir, table, rows: int = 4):
             axes[i, j].set_xlabel(f"{row.lam:.2f} | {row.lam_clip:.2f}", fontsize=7)
         axes[i, 0].set_ylabel(f"{g.c2.iloc[0]}->{g.c1.iloc[0]}", fontsize=8)
     fig.suptitle("lam (generation) | lam_clip (reannotation)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def ece_vs_accuracy(runs, ts: bool = False):
+    """One point per trained model (method, seed), method means as large markers: calibration
+    against accuracy, in percent. ``ts``: ECE after temperature scaling."""
+    import seaborn as sns
+
+    col = "ece_ts" if ts else "ece"
+    data = runs.assign(acc_pct=100 * runs["acc"], ece_pct=100 * runs[col])
+    fig, ax = plt.subplots(figsize=(5.2, 4))
+    sns.scatterplot(data=data, x="acc_pct", y="ece_pct", hue="method", alpha=0.45, s=30, ax=ax, legend=False)
+    means = data.groupby("method", sort=False)[["acc_pct", "ece_pct"]].mean().reset_index()
+    sns.scatterplot(data=means, x="acc_pct", y="ece_pct", hue="method", s=140, marker="D", edgecolor="black", ax=ax)
+    ax.set(xlabel="test accuracy (%)", ylabel=f"test ECE (%){' after TS' if ts else ''}")
+    ax.legend(fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
     return fig
