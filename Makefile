@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 STUDY  ?= default
 RUN    ?= $(STUDY)
 
-.PHONY: setup study test test-fast lab figures clean-outputs
+.PHONY: setup study test test-fast lab figures readme-figures clean-outputs
 
 $(STAMP): requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
@@ -32,6 +32,10 @@ lab: $(STAMP)                       ## JupyterLab on the notebooks (default para
 
 figures: $(STAMP)                   ## rewrite the tables and figures of outputs/$(RUN) from saved files
 	$(PY) -m semmix_lib.pipeline outputs/$(RUN) --stages analyze --force
+
+readme-figures: figures             ## copy the default study's figures shown in the README to docs/figures/
+	cp outputs/$(RUN)/analyze/ece_vs_accuracy.png outputs/$(RUN)/analyze/mixing_grid.png \
+	   outputs/$(RUN)/analyze/reannotation.png docs/figures/
 
 clean-outputs:                      ## delete every run folder under outputs/
 	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
