@@ -21,11 +21,12 @@ setup: $(STAMP)                     ## create .venv with the pinned requirements
 study: $(STAMP)                     ## run params/$(STUDY).yaml into outputs/$(RUN)/
 	$(PY) -m semmix_lib.pipeline params/$(STUDY).yaml --run $(RUN)
 
-test: $(STAMP)                      ## the whole test suite, notebooks included
+test: $(STAMP)                      ## the whole test suite: notebooks, torchrun and the real-browser test
+	PY=$(PY) bash tests/browser/setup.sh
 	$(PY) -m pytest
 
-test-fast: $(STAMP)                 ## library tests only, no notebook runs
-	$(PY) -m pytest -m "not slow"
+test-fast: $(STAMP)                 ## library tests only: no notebook runs, no browser
+	$(PY) -m pytest -m "not slow and not browser"
 
 lab: $(STAMP)                       ## JupyterLab on the notebooks (default parameters)
 	$(VENV)/bin/jupyter lab notebooks/
