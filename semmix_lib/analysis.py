@@ -10,7 +10,8 @@ from .calibration import apply_temperature
 from .io import load_arrays, read_json
 
 __all__ = ["collect_runs", "check_consistent", "results_table", "format_table", "TABLE_METRICS", "write_table",
-           "test_logits", "method_order", "best_mask", "to_latex", "first_seed_histories", "upstream_figures"]
+           "test_logits", "method_order", "best_mask", "to_latex", "first_seed_histories", "upstream_figures",
+           "corruption_tables", "ood_table"]
 
 #: (column, metrics.json section, key): the paper's numbers, before and after temperature scaling.
 _KEYS = ("acc", "ece", "adaece", "cece", "nll", "brier", "oe", "ue")
@@ -174,3 +175,36 @@ def upstream_figures(run_dir, out_dir) -> list[str]:
     else:
         done.append(f"no annotation in {ann_dir}: reannotation figure skipped")
     return done
+
+
+def _first_seeds(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs.sort_values("seed").groupby("method", sort=False).head(1)
+
+
+def corruption_tables(runs: pd.DataFrame, splits, device="cpu", cifar_c_root=None, progress=True) -> pd.DataFrame:
+    """Accuracy and ECE (before / after each model's temperature) under every corruption and
+    severity, for the first seed of each method; one table with a ``method`` column."""
+    from .progress import tqdm
+    from .robustness import evaluate_corruptions
+    from .train import load_trained_model
+
+    tables = []
+    for row in tqdm(list(_first_seeds(runs).itertuples()), desc="corruptions", disable=not progress):
+        model, t = load_trained_model(row.path, splits, device)
+        table = evaluate_corruptions(model, splits, device=device, temperature=t, cifar_c_root=cifar_c_root)
+        tables.append(table.assign(method=row.method, seed=row.seed))
+    return pd.concat(tables, ignore_index=True)
+
+
+def ood_table(runs: pd.DataFrame, splits, data_root=None, device="cpu") -> pd.DataFrame:
+    """AUROC, AUPR and FPR at 95% TPR on the dataset's OOD sets (those available; see
+    :func:`semmix_lib.ood.ood_sets`), max-softmax and entropy scores, first seed of each method."""
+    from .ood import evaluate_ood, ood_sets
+    from .train import load_trained_model
+
+    sets = ood_sets(splits, data_root, missing="skip")
+    tables = []
+    for row in _first_seeds(runs).itertuples():
+        model, _ = load_trained_model(row.path, splits, device)
+        tables.append(evaluate_ood(model, splits, sets, device=device).assign(method=row.method, seed=row.seed))
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()

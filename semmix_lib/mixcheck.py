@@ -55,15 +55,10 @@ def judge(gen_dir, classifier_dir, splits, device="cpu", batch_size: int = 512) 
 
     ``classifier_dir`` is a finished :func:`semmix_lib.train.train_run` folder trained on ``splits``.
     """
-    from .io import load_checkpoint, read_json
     from .mixing import MixedImages
-    from .models import build_model
+    from .train import load_trained_model
 
-    cfg = read_json(Path(classifier_dir) / "config.json")
-    c, h, _ = splits.image_shape
-    model = build_model(cfg["model"], splits.num_classes, in_channels=c, image_size=h)
-    model.load_state_dict(load_checkpoint(Path(classifier_dir) / "checkpoint.pt"))
-    model.to(device).eval()
+    model, _ = load_trained_model(classifier_dir, splits, device)
     images = MixedImages(gen_dir)
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False)
     logits = torch.cat([model(renormalize(x, splits.mean, splits.std).to(device)).float().cpu()

@@ -35,7 +35,7 @@ from .models import build_model
 from .runs import RunMismatchError
 
 __all__ = ["TrainConfig", "RunMismatchError", "GeneratedData", "load_generated", "train_run", "predict",
-           "resolve_device", "load_run", "world", "main"]
+           "resolve_device", "load_run", "load_trained_model", "world", "main"]
 
 
 @dataclass
@@ -309,6 +309,19 @@ def _save_epoch(out_dir: Path, model, optimizer, scheduler, generator, rank: int
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": _rng_state(generator), **progress})
     barrier()
+
+
+def load_trained_model(run_dir, splits, device="cpu"):
+    """The best weights of a finished run folder as an eval-mode model, and its temperature
+    (``metrics.json``; None while the run is unfinished)."""
+    run_dir = Path(run_dir)
+    config = read_json(run_dir / "config.json")
+    c, h, _ = splits.image_shape
+    model = build_model(config["model"], splits.num_classes, in_channels=c, image_size=h)
+    model.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt"))
+    metrics = run_dir / "metrics.json"
+    temperature = read_json(metrics).get("temperature") if metrics.exists() else None
+    return model.to(device).eval(), temperature
 
 
 def load_run(out_dir) -> dict:
