@@ -52,7 +52,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .distributed import is_on, rank_and_world
+from .distributed import is_on, rank_and_world, torchrun_session
 from .io import atomic_path, read_json, settings_diff, sha256_file, write_json
 from .mixing import PLAN_COLUMNS, check_images, read_manifest
 from .progress import tqdm
@@ -1058,15 +1058,7 @@ def main(argv=None) -> int:
         if not os.path.exists(cfg):
             p.error(f"--model-config {cfg} not found")
         open_clip.add_model_config(cfg)
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        if launched:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if launched and not is_on():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
+    with torchrun_session(args.device) as device:
         rank = torch.distributed.get_rank() if is_on() else 0
         quick_gelu = {"auto": None, "on": True, "off": False}[args.quick_gelu]
         model, preprocess = load_encoder(args.model, args.pretrained, device, quick_gelu=quick_gelu,
@@ -1096,9 +1088,6 @@ def main(argv=None) -> int:
         if table is not None:
             print(f"{len(table)} images annotated in {out_dir / TABLE_FILE} (s = {s}, lam_clip in "
                   f"[{table['lam_clip'].min():.3f}, {table['lam_clip'].max():.3f}])")
-    finally:
-        if launched and is_on():
-            torch.distributed.destroy_process_group()
     return 0
 
 

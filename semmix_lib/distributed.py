@@ -6,9 +6,12 @@ Every long job (generation, annotation, training) runs the same code in one proc
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+
 import torch
 
-__all__ = ["is_on", "rank_and_world", "barrier"]
+__all__ = ["is_on", "rank_and_world", "barrier", "torchrun_session"]
 
 
 def is_on() -> bool:
@@ -33,3 +36,27 @@ def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tu
 def barrier() -> None:
     if is_on() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
+
+
+@contextmanager
+def torchrun_session(device: str | None = None):
+    """For a command-line job: yields its device and, when ``torchrun`` launched it (RANK and
+    WORLD_SIZE set), runs it inside a process group (NCCL on GPUs, gloo on CPUs) that is torn down at
+    the end. Under torchrun on GPUs each rank takes ``cuda:LOCAL_RANK``. ``device`` None or "auto":
+    CUDA when available, else the CPU."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if launched:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    started = launched and not is_on()
+    if started:
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device
+    finally:
+        if started and is_on():
+            torch.distributed.destroy_process_group()

@@ -54,7 +54,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from .progress import tqdm
 
-from .distributed import is_on, rank_and_world
+from .distributed import barrier, is_on, rank_and_world, torchrun_session
 from .io import atomic_path, read_json, settings_diff, sha256_file, write_json
 
 __all__ = [
@@ -461,28 +461,16 @@ def main(argv=None) -> int:
 
     from . import edm
 
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        if launched:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if launched and not is_on():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
+    with torchrun_session(args.device) as device:
         net = edm.load_edm_checkpoint(args.checkpoint, device=device).eval()
         plan = group_plan(parse_seeds(args.seeds), int(net.label_dim), args.n_mix)
         generate_mixed(net, plan, args.out, num_steps=args.num_steps, sigma_min=args.sigma_min,
                        sigma_max=args.sigma_max, rho=args.rho, batch_size=args.batch_size, device=device,
                        progress=not args.no_progress, extra={"checkpoint_sha256": sha256_file(args.checkpoint)})
-        if is_on():
-            torch.distributed.barrier()
-        if not is_on() or torch.distributed.get_rank() == 0:
+        barrier()
+        if rank_and_world()[0] == 0:
             check_images(args.out)
             print(f"{len(plan)} images of {plan['group'].nunique()} groups in {args.out}")
-    finally:
-        if launched and is_on():
-            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -30,7 +30,7 @@ from .calibration import fit_temperature, apply_temperature
 from .io import load_checkpoint, read_json, save_arrays, save_checkpoint, write_json, load_arrays
 from .losses import RAW_LAMBDA_METHODS, build_method
 from .metrics import calibration_report
-from .distributed import barrier, rank_and_world as world
+from .distributed import barrier, rank_and_world as world, torchrun_session
 from .models import build_model
 from .runs import RunMismatchError
 
@@ -356,13 +356,7 @@ def main(argv=None) -> int:
     study = load_study(args.study)
     prm = stage_parameters(study, next(s for s in STAGES if s.name == "train"))
     run_dir = Path(args.outputs) / (args.run or study["run"])
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    device = resolve_device(prm.get("device", "auto"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if launched and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
+    with torchrun_session(prm.get("device", "auto")) as device:
         splits = data.load_dataset(prm.get("dataset", "digits"), prm.get("data_root"),
                                    split_seed=prm.get("split_seed", 0), noise_sigma=prm.get("noise_sigma", 0.5),
                                    download=prm.get("download", False))
@@ -380,9 +374,6 @@ def main(argv=None) -> int:
                 if world()[0] == 0:
                     print(f"{method} seed {seed}: acc {m['test']['acc']:.4f} ECE {m['test']['ece']:.4f} "
                           f"-> {m['test_ts']['ece']:.4f} (T = {m['temperature']:.1f})", flush=True)
-    finally:
-        if launched and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     return 0
 
 
