@@ -45,14 +45,6 @@ TINY_CFG = {"embed_dim": 16,
             "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory) -> Path:
     """Register a tiny open_clip architecture (a 1-layer ViT on 32 px) for fast encoder tests."""

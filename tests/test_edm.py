@@ -31,16 +31,6 @@ N_SAMPLES = 20_000
 Z = 4.5  # tolerance in standard errors for the statistical checks (two-sided p ~ 7e-6 per check)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These workloads are small; with two OpenMP threads on a shared 2-core machine a training step
-    was measured 20x slower than with one (thread oversubscription), so run the module single-threaded."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # --------------------------------------------------------------------------------------------------
 # Analytic "networks": exact denoisers D(x; sigma) = E[y | y + sigma n = x], in float64.
 

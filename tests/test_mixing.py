@@ -61,15 +61,6 @@ class ScaleNet(nn.Module):
         return torch.as_tensor(sigma)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny nets run faster on one thread, and much faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def net():
     return tiny_net()

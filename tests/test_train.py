@@ -73,16 +73,6 @@ class Interrupt:
         return self.real(*args, **kwargs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models run no faster on two, and on a busy 2-core machine
-    two threads that wait on each other can make an epoch 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits")
