@@ -146,17 +146,11 @@ def dataset_images(dataset, mean: Sequence[float] = (0.5,), std: Sequence[float]
     Pixels are ``round(clip((x * std + mean) * 255, 0, 255))``; for the digits (stored as 8-bit
     values) this gives back the stored pixels exactly.
     """
-    loader = torch.utils.data.DataLoader(dataset, batch_size=512, shuffle=False)
-    xs, ys = zip(*[(x, torch.as_tensor(y)) for x, y in loader])
-    x = torch.cat(xs).double()
-    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-    pixels = ((x * s + m) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    if pixels.shape[-1] not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels, got {pixels.shape[-1]}")
-    images = [Image.fromarray(p[:, :, 0], "L") if p.shape[-1] == 1 else Image.fromarray(p, "RGB")
-              for p in pixels]
-    return images, torch.cat(ys).long()
+    from .annotation import TensorImages  # the same 8-bit round trip the annotation stage uses
+
+    items = TensorImages(dataset, mean, std)
+    images, labels = zip(*(items[i] for i in range(len(items)))) if len(items) else ((), ())
+    return list(images), torch.tensor(labels, dtype=torch.long)
 
 
 def _preprocessed(preprocess, images: Sequence[Image.Image]) -> torch.Tensor:
